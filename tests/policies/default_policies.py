@@ -1,0 +1,35 @@
+"""Every registered policy with a few hyperparameter settings; drives the smoke tests.
+
+Add a line here when adding a policy: test_smoke checks that every name in
+``policy_names()`` appears.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.pyramidkv import PyramidKV
+from vllm_kvcompress.policies.snapkv import SnapKV
+from vllm_kvcompress.policies.streamingllm import StreamingLLM
+
+DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
+    (StreamingLLM, {}),
+    (StreamingLLM, {"budget": 16, "sink_tokens": 0}),
+    (H2O, {}),
+    (H2O, {"budget": 0.1, "recent_ratio": 0.0}),
+    (H2O, {"budget": 32, "recent_ratio": 0.9, "sink_tokens": 0}),
+    (SnapKV, {}),
+    (SnapKV, {"kernel_size": 1, "window": 8}),
+    (SnapKV, {"pooling": "avg", "kernel_size": 5, "budget": 0.5}),
+    (PyramidKV, {}),
+    (PyramidKV, {"beta": 2.0, "budget": 64, "window": 16, "pooling": "avg"}),
+    (PyramidKV, {"beta": 1.0, "budget": 0.9}),
+]
+
+
+def policy_id(entry: tuple[type[Policy], dict[str, Any]]) -> str:
+    """Readable pytest id, e.g. ``snapkv-kernel_size=1-window=8``."""
+    cls, kwargs = entry
+    return "-".join([cls.name, *(f"{k}={v}" for k, v in kwargs.items())])

@@ -1,0 +1,93 @@
+"""Inputs and assertions shared by the policy tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_kvcompress.policies.base import LayerInputs
+
+
+def make_inputs(
+    num_kv_heads: int,
+    group: int,
+    num_tokens: int,
+    head_dim: int,
+    window: int = 32,
+    *,
+    seed: int = 0,
+    layer: int = 0,
+    num_layers: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> LayerInputs:
+    """Random layer inputs; the window holds min(window, T) queries, as for a real prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    observed = min(window, num_tokens)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    return LayerInputs(
+        keys=randn(num_kv_heads, num_tokens, head_dim),
+        values=randn(num_kv_heads, num_tokens, head_dim),
+        window_queries=randn(num_kv_heads * group, observed, head_dim),
+        layer=layer,
+        num_layers=num_layers,
+        scale=head_dim**-0.5,
+        # Uniform floats: distinct with probability 1, so rankings have no ties.
+        attention_mass=torch.rand(num_kv_heads, num_tokens, generator=gen) * num_tokens,
+    )
+
+
+def naive_topk(scores: list[float], k: int) -> list[bool]:
+    """Keep-mask of the k highest scores, ties broken by the earlier index."""
+    order = sorted(range(len(scores)), key=lambda t: (-scores[t], t))
+    kept = set(order[:k])
+    return [t in kept for t in range(len(scores))]
+
+
+def assert_topk_mask(
+    mask: torch.Tensor, naive: list[list[float]], k: int, rtol: float = 1e-5
+) -> None:
+    """``mask`` [H, T] keeps a top-``k`` set of ``naive`` per head.
+
+    Where the naive ranking has a clear gap at the k-th place the mask must
+    equal the naive one exactly; inside a tie (max pooling makes plenty) any
+    of the tied tokens may be kept, but never a lower one over a higher one.
+    """
+    assert mask.dtype == torch.bool
+    assert tuple(mask.shape) == (len(naive), len(naive[0]) if naive else 0)
+    for head, scores in enumerate(naive):
+        row = mask[head].tolist()
+        num_tokens = len(scores)
+        assert sum(row) == min(k, num_tokens), f"head {head}"
+        if k >= num_tokens or k <= 0:
+            continue
+        low = min(s for s, m in zip(scores, row) if m)
+        high = max(s for s, m in zip(scores, row) if not m)
+        if high == math.inf:
+            assert low == math.inf, f"head {head}: dropped a protected token for {low}"
+        else:
+            slack = rtol * max(1.0, abs(high))
+            assert low >= high - slack, f"head {head}: kept {low} < dropped {high}"
+        ranked = sorted(scores, reverse=True)
+        last, first_out = ranked[k - 1], ranked[k]
+        if last == math.inf:
+            clear = first_out < math.inf
+        else:
+            clear = last - first_out > 4 * rtol * max(1.0, abs(last))
+        if clear:
+            assert row == naive_topk(scores, k), f"head {head}: keep-mask differs from naive"
+
+
+def assert_scores_close(
+    actual: torch.Tensor, naive: list[list[float]], rtol: float = 1e-4, atol: float = 1e-6
+) -> None:
+    """Finite scores match within tolerance; protected (+inf) ones match exactly."""
+    expected = torch.tensor(naive, dtype=torch.float64)
+    actual = actual.to(torch.float64)
+    assert actual.shape == expected.shape
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=rtol, atol=atol)

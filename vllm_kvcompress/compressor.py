@@ -1,0 +1,229 @@
+"""One layer of one step over the page store: write, attend, compress, evict.
+
+This is the whole mechanism of compressed attention without vLLM: the vLLM
+attention backend hands every layer's queries, keys and values to
+:meth:`KVCompressor.forward_layer`, and the model runner brackets each step
+with :meth:`begin_step` / :meth:`end_step` and reports finished requests to
+:meth:`release`. Tests drive it directly.
+
+Order inside a layer: the step's new tokens are written first (every row has
+room: :meth:`begin_step` reserved it); attention reads the pages; prefilling
+requests remember their last queries (the observation window); a request
+whose prefill ends in this step is compressed by the policy; a policy that
+keeps decode at budget then evicts the slots it ranks lowest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_kvcompress.kernels.paged_attention import chunk_attention, paged_decode_attention
+from vllm_kvcompress.paging.accounting import LayerPlan, pages_for, plan_layers
+from vllm_kvcompress.paging.step import StepPlan, StepRequest
+from vllm_kvcompress.paging.store import PagedKVStore
+from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy
+
+
+@dataclass
+class CompressionStats:
+    """Running totals, in token-heads summed over layers."""
+
+    prompt_tokens: int = 0  # prompt token-heads that went through a policy
+    evicted_tokens: int = 0  # token-heads dropped at prefill end or during decode
+
+
+class KVCompressor:
+    def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int) -> None:
+        self.store = store
+        self.policy = policy
+        self.num_layers = store.shape.num_layers
+        self.num_kv_heads = store.shape.num_kv_heads
+        self.num_q_heads = num_q_heads
+        self.step: StepPlan | None = None
+        self.stats = CompressionStats()
+        self._plans: dict[int, LayerPlan | None] = {}
+        self._windows: dict[int, list[torch.Tensor | None]] = {}
+        self._logical: dict[int, int] = {}  # slot -> tokens the request holds uncompressed
+
+    # -- request lifecycle ---------------------------------------------------
+    def release(self, req_ids) -> None:
+        for req_id in req_ids:
+            slot = self.store.slot_of(req_id)
+            if slot is None:
+                continue
+            self.store.close(req_id)
+            self._plans.pop(slot, None)
+            self._windows.pop(slot, None)
+            self._logical.pop(slot, None)
+
+    def begin_step(self, requests: list[StepRequest]) -> StepPlan:
+        slots = np.empty(len(requests), dtype=np.int64)
+        for i, req in enumerate(requests):
+            slot = self.store.slot_of(req.req_id)
+            if slot is not None and req.computed_before == 0:
+                # Recomputed from scratch (preempted): its old pages are stale.
+                self.release([req.req_id])
+                slot = None
+            if slot is None:
+                slot = self.store.open(req.req_id)
+                self._plans[slot] = (
+                    plan_layers(self.policy, req.prompt_len, self.num_layers)
+                    if self.policy is not None else None
+                )
+            slots[i] = slot
+            self._logical[slot] = req.total_after
+        step = StepPlan.build(requests, slots, self.num_kv_heads)
+        num_new = np.repeat([r.num_new for r in requests], self.num_kv_heads)
+        self.store.reserve(step.request_rows, num_new)
+        self.step = step
+        return step
+
+    def end_step(self) -> None:
+        self.step = None
+
+    def logical_tokens(self) -> int:
+        """Tokens the open requests would hold without compression."""
+        return sum(self._logical.values())
+
+    # -- one layer -----------------------------------------------------------
+    def forward_layer(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """query [N, Hq, D], key/value [N, H, D] -> attention output [N, Hq, D]."""
+        step = self.step
+        assert step is not None, "forward_layer called outside begin_step/end_step"
+        store = self.store
+        n = step.num_tokens
+        query, key, value = query[:n], key[:n], value[:n]
+        lens = store.lens[layer]
+        store.write(
+            layer, step.token_rows, lens[step.token_rows] + step.token_offsets, key, value,
+            step.positions,
+        )
+        request_rows = step.request_rows
+        lens[request_rows] += np.repeat([r.num_new for r in step.requests], self.num_kv_heads)
+
+        need_mass = self.policy is not None and self.policy.needs_attention_mass
+        out = torch.empty_like(query)
+        if len(step.decode):
+            self._attend_decode(layer, step, query, scale, need_mass, out)
+        for i in step.chunks:
+            self._attend_chunk(layer, step, int(i), query, key, value, scale, need_mass, out)
+        if self.policy is not None:
+            self._observe(layer, step, query)
+            self._compress(layer, step, scale)
+            if self.policy.decode_capped:
+                self._evict(layer, step)
+        return out
+
+    def _rows(self, slot: int) -> np.ndarray:
+        return self.store.rows(slot)
+
+    def _attend_decode(self, layer, step, query, scale, need_mass, out) -> None:
+        rows = step.slots[step.decode, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
+        lens = torch.from_numpy(self.store.lens[layer, rows])
+        result, mass = paged_decode_attention(
+            query[step.decode_tokens], self.store.kv, self.store.tables[layer],
+            torch.from_numpy(rows), lens, scale, need_mass,
+        )
+        out[step.decode_tokens] = result
+        if mass is not None:
+            self.store.add_mass(layer, rows.reshape(-1), mass.flatten(0, 1))
+
+    def _attend_chunk(self, layer, step, i, query, key, value, scale, need_mass, out) -> None:
+        req, start, end = step.requests[i], int(step.starts[i]), int(step.starts[i + 1])
+        rows = self._rows(int(step.slots[i]))
+        lens_before = self.store.lens[layer, rows] - req.num_new
+        if not lens_before.any():
+            # Nothing cached yet: attend the chunk's own keys, skip the gather.
+            keys, values = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
+        else:
+            keys, values = self.store.gather(layer, rows)
+        result, mass = chunk_attention(
+            query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass
+        )
+        out[start:end] = result
+        if mass is not None:
+            width = pages_for(mass.shape[1], self.store.shape.page_size) * self.store.shape.page_size
+            self.store.add_mass(layer, rows, torch.nn.functional.pad(mass, (0, width - mass.shape[1])))
+
+    # -- compression ---------------------------------------------------------
+    def _observe(self, layer, step, query) -> None:
+        """Keep the last ``window`` prompt queries of prefilling requests."""
+        window = self.policy.window
+        for i, req in enumerate(step.requests):
+            if not req.in_prefill:
+                continue
+            slot = int(step.slots[i])
+            count = min(req.num_new, req.prompt_len - req.computed_before)
+            start = int(step.starts[i])
+            recent = query[start:start + count][-window:].transpose(0, 1)  # [Hq, w, D]
+            buffers = self._windows.setdefault(slot, [None] * self.num_layers)
+            old = buffers[layer]
+            merged = recent if old is None else torch.cat([old, recent], dim=1)[:, -window:]
+            buffers[layer] = merged.clone()
+
+    def _compress(self, layer, step, scale) -> None:
+        for i, req in enumerate(step.requests):
+            if not req.ends_prefill:
+                continue
+            slot = int(step.slots[i])
+            rows = self._rows(slot)
+            plan = self._plans[slot]
+            budget, prompt_len = plan.kept[layer], req.prompt_len
+            buffers = self._windows.get(slot)
+            window = buffers[layer] if buffers else None
+            if buffers:
+                buffers[layer] = None
+                if layer == self.num_layers - 1:
+                    self._windows.pop(slot, None)
+            self.stats.prompt_tokens += prompt_len * len(rows)
+            if budget >= prompt_len:
+                continue
+            keys, values = self.store.gather(layer, rows)
+            mass = None
+            if self.policy.needs_attention_mass:
+                mass = self.store.gather_slot_metadata(layer, rows)[1][:, :prompt_len]
+            inputs = LayerInputs(
+                keys=keys[:, :prompt_len], values=values[:, :prompt_len],
+                window_queries=window, layer=layer, num_layers=self.num_layers, scale=scale,
+                attention_mass=mass,
+            )
+            keep = torch.ones(len(rows), keys.shape[1], dtype=torch.bool)
+            keep[:, :prompt_len] = self.policy.select(inputs, budget)
+            new_lens = self.store.compact(layer, rows, keep)
+            self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
+
+    def _evict(self, layer, step) -> None:
+        """Bring decode-capped rows back to their cap, lowest-ranked slots first."""
+        picked = [
+            i for i, req in enumerate(step.requests) if req.total_after >= req.prompt_len
+        ]
+        if not picked:
+            return
+        heads = self.num_kv_heads
+        rows = (step.slots[picked, None] * heads + np.arange(heads)).reshape(-1)
+        caps = np.repeat([self._plans[int(step.slots[i])].cap[layer] for i in picked], heads)
+        newest = np.repeat([step.requests[i].total_after - 1 for i in picked], heads)
+        over = self.store.lens[layer, rows] - caps
+        sel = over > 0
+        if not sel.any():
+            return
+        rows, caps, newest, over = rows[sel], caps[sel], newest[sel], over[sel]
+        positions, mass = self.store.gather_slot_metadata(layer, rows)
+        scores = self.policy.slot_scores(
+            positions, mass, torch.from_numpy(newest), torch.from_numpy(caps)
+        ).float()
+        lens = torch.from_numpy(self.store.lens[layer, rows])
+        empty = torch.arange(scores.shape[1]) >= lens.unsqueeze(1)
+        scores = scores.masked_fill(empty, PROTECTED)
+        if over.max() == 1:
+            self.store.evict_one(layer, rows, scores.argmin(dim=1).numpy())
+        else:
+            rank = scores.argsort(dim=1).argsort(dim=1)
+            self.store.compact(layer, rows, rank >= torch.from_numpy(over).unsqueeze(1))
+        self.stats.evicted_tokens += int(over.sum())

@@ -1,0 +1,146 @@
+"""Options of the plugin: one typed, validated model for flags, presets and ``LLM(...)``.
+
+Sources, later ones overriding earlier ones:
+
+1. a YAML preset (``--kv-config configs/pyramidkv.yaml``),
+2. command-line flags (``--kv-policy``, ``--kv-budget``, ...),
+3. offline: ``LLM(..., additional_config={"kvcompress": {...}})``.
+
+The validated result travels to every vLLM process inside
+``VllmConfig.additional_config["kvcompress"]`` as a plain dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vllm_kvcompress.policies import Policy, build_policy, policy_names
+
+ADDITIONAL_CONFIG_KEY = "kvcompress"
+
+
+def parse_budget(text: str | float | int) -> float | int:
+    """A fraction of the prompt in (0, 1], or a whole token count >= 16."""
+    value = float(text)
+    if 0 < value <= 1:
+        return value
+    if value >= 16 and value.is_integer():
+        return int(value)
+    raise ValueError(
+        f"{text!r} is neither a fraction in (0, 1] nor a whole token count >= 16"
+    )
+
+
+class KVCompressConfig(BaseModel):
+    """Everything that decides how the KV cache is compressed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field("none", description="compression method; 'none' is plain vLLM")
+    budget: float | int = Field(1.0, description="fraction of the prompt kept, or tokens kept")
+    window: int = Field(32, ge=1, description="observation window: last prompt tokens that vote")
+    sink_tokens: int = Field(4, ge=0, description="first tokens always kept")
+    page_size: int = Field(16, ge=1, description="tokens per page of one (layer, KV head)")
+    policy_args: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in policy_names():
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(policy_names())}")
+        return value
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> float | int:
+        return parse_budget(value)
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"page_size must be a power of two, got {value}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    def build_policy(self) -> Policy | None:
+        """The policy object, or ``None`` for plain vLLM."""
+        if not self.enabled:
+            return None
+        return build_policy(
+            self.policy, budget=self.budget, window=self.window, sink_tokens=self.sink_tokens,
+            **self.policy_args,
+        )
+
+    def validate_policy(self) -> None:
+        """Fail now, not in a worker, on hyperparameters the policy rejects."""
+        try:
+            self.build_policy()
+        except TypeError as exc:  # unknown keyword in policy_args
+            raise ValueError(f"policy_args for {self.policy!r}: {exc}") from exc
+
+    # -- sources -------------------------------------------------------------
+    @classmethod
+    def from_sources(
+        cls, preset: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> KVCompressConfig:
+        """Merge a YAML preset and explicit overrides (``None`` values are ignored)."""
+        data: dict[str, Any] = load_preset(preset) if preset else {}
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        config = cls(**data)
+        config.validate_policy()
+        return config
+
+    @classmethod
+    def from_additional_config(cls, additional: dict[str, Any] | None) -> KVCompressConfig:
+        raw = (additional or {}).get(ADDITIONAL_CONFIG_KEY)
+        if raw is None:
+            return cls()
+        if isinstance(raw, KVCompressConfig):
+            return raw
+        raw = dict(raw)
+        return cls.from_sources(raw.pop("config", None), raw)
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class PresetError(ValueError):
+    """A preset file that cannot be used; the message names file, line and reason."""
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read and check a YAML preset, reporting problems with file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PresetError(f"{path}: cannot read preset: {exc.strerror}") from exc
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PresetError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PresetError(f"{path}:1: a preset must be a mapping of option: value")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if node is not None else {}
+    try:
+        KVCompressConfig(**data).validate_policy()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = str(error["loc"][0]) if error["loc"] else ""
+        raise PresetError(f"{path}:{lines.get(key, 1)}: {key}: {error['msg']}") from exc
+    except ValueError as exc:
+        raise PresetError(f"{path}:{lines.get('policy_args', 1)}: {exc}") from exc
+    return data

@@ -1,0 +1,122 @@
+"""Attention over per-(layer, KV head) pages: the torch path.
+
+This is the reference implementation that the Triton kernels are checked
+against, and the path that serves on CPU. Page layout (see
+``vllm_kvcompress.paging.store``)::
+
+    kv     [num_pages, 2, page_size, D]   K at [:, 0], V at [:, 1]
+    table  [num_rows, max_pages]          page ids of each row, packed from 0
+    lens   [num_rows]                     tokens stored in each row
+
+A row is one (request, KV head); query heads ``h*G .. h*G+G-1`` read row ``h``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_rows(
+    kv: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of ``rows`` as dense [R, T, D] tensors, T = max_len rounded up to pages."""
+    page_size = kv.shape[2]
+    num_pages = max(1, -(-max_len // page_size))
+    pages = table[rows, :num_pages].long()  # [R, num_pages]
+    keys = kv[:, 0][pages].flatten(1, 2)  # [R, num_pages * page_size, D]
+    values = kv[:, 1][pages].flatten(1, 2)
+    return keys, values
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+    need_mass: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q [..., H, G, n, D], k/v [..., H, T, D], visible [..., H, n, T] (bool).
+
+    Returns out [..., H, G, n, D] and, if asked, the attention mass per key
+    summed over the group's heads and the queries: [..., H, T].
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 softmax
+    scores = torch.einsum("...hgnd,...htd->...hgnt", q.to(acc), k.to(acc)) * scale
+    scores = scores.masked_fill(~visible.unsqueeze(-3), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("...hgnt,...htd->...hgnd", probs, v.to(acc)).to(q.dtype)
+    mass = probs.sum(dim=(-3, -2)) if need_mass else None
+    return out, mass
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    need_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One query token per request over its pages.
+
+    q [B, Hq, D]; rows and lens [B, H]. Returns out [B, Hq, D] and, if
+    ``need_mass``, the attention probabilities summed over each group [B, H, T]
+    (T = the gathered length, zero past ``lens``).
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = rows.shape[1]
+    group = num_q_heads // num_kv_heads
+    keys, values = gather_rows(kv, table, rows.reshape(-1), int(lens.max()))
+    keys = keys.view(batch, num_kv_heads, -1, head_dim)
+    values = values.view(batch, num_kv_heads, -1, head_dim)
+    visible = torch.arange(keys.shape[2], device=q.device) < lens.unsqueeze(-1)  # [B, H, T]
+    out, mass = _attend(
+        q.view(batch, num_kv_heads, group, 1, head_dim), keys, values,
+        visible.unsqueeze(-2), scale, need_mass,
+    )
+    return out.view(batch, num_q_heads, head_dim), mass
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lens_before: torch.Tensor,
+    scale: float,
+    need_mass: bool = False,
+    query_block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk of ``n`` new tokens of one request attends its row and itself.
+
+    q [n, Hq, D]; keys/values [H, T, D] hold ``lens_before[h]`` older tokens
+    followed by the chunk's ``n`` tokens (T may be padded). Query ``i`` sees the
+    older tokens and chunk tokens ``<= i``. Queries are processed in blocks so
+    a long prefill never materialises an [Hq, n, T] score matrix at once.
+    """
+    n, num_q_heads, head_dim = q.shape
+    num_kv_heads, total, _ = keys.shape
+    group = num_q_heads // num_kv_heads
+    q = q.transpose(0, 1).reshape(num_kv_heads, group, n, head_dim)
+    slot = torch.arange(total, device=q.device)
+    if not need_mass:
+        # SDPA's fused kernel; GQA by broadcasting each KV head over its group.
+        limit = lens_before.view(-1, 1, 1) + torch.arange(n, device=q.device).view(1, -1, 1)
+        visible = (slot.view(1, 1, -1) <= limit).unsqueeze(1)  # [H, 1, n, T]
+        expand = (num_kv_heads, group, total, head_dim)
+        out = F.scaled_dot_product_attention(
+            q, keys.unsqueeze(1).expand(expand), values.unsqueeze(1).expand(expand),
+            attn_mask=visible, scale=scale,
+        )
+        return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), None
+    out = torch.empty_like(q)
+    mass = torch.zeros(num_kv_heads, total, device=q.device) if need_mass else None
+    for start in range(0, n, query_block):
+        end = min(n, start + query_block)
+        limit = lens_before.view(-1, 1, 1) + torch.arange(start, end, device=q.device).view(1, -1, 1)
+        visible = slot.view(1, 1, -1) <= limit  # [H, b, T]
+        block_out, block_mass = _attend(
+            q[:, :, start:end], keys, values, visible, scale, need_mass
+        )
+        out[:, :, start:end] = block_out
+        if mass is not None:
+            mass += block_mass
+    return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), mass

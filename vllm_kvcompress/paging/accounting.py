@@ -1,0 +1,119 @@
+"""How many tokens and pages a request holds: one rule for scheduler and worker.
+
+The scheduler reserves vLLM blocks from these numbers and the worker's page
+store never holds more, so the worker can never run out of pages. Everything
+here is pure arithmetic on a request's counters:
+
+* ``prompt_len``      tokens of the prompt (compression happens when the
+                      prefill reaches it);
+* ``computed_before`` tokens already in the cache before this step;
+* ``total_after``     tokens in the cache once this step has run;
+* ``num_new``         tokens this step appends (``total_after - computed_before``).
+
+A row is the page list of one (request, layer, KV head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vllm_kvcompress.policies.base import Policy
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Per-layer token counts of one compressed prompt."""
+
+    kept: tuple[int, ...]  # tokens per KV head kept from the prompt
+    cap: tuple[int, ...]  # decode-capped policies: tokens per KV head held during decode
+
+
+def plan_layers(policy: Policy, prompt_len: int, num_layers: int) -> LayerPlan:
+    """What ``policy`` keeps of a ``prompt_len``-token prompt in every layer.
+
+    A token budget (``budget > 1``) is also the decode cap of a capped policy,
+    so a prompt shorter than the budget may grow to it; a fraction caps at the
+    compressed prompt size. No layer keeps fewer than ``sink_tokens + window``
+    tokens (or the whole prompt if it is shorter).
+    """
+    floor = policy.sink_tokens + policy.window
+    reference_len = max(prompt_len, int(policy.budget)) if policy.budget > 1 else prompt_len
+    budgets = policy.layer_budgets(max(reference_len, 1), num_layers)
+    cap = tuple(max(b, floor) for b in budgets)
+    kept = tuple(min(prompt_len, c) for c in cap)
+    return LayerPlan(kept=kept, cap=cap)
+
+
+def row_tokens_bound(
+    policy: Policy,
+    plan: LayerPlan | None,
+    layer: int,
+    prompt_len: int,
+    computed_before: int,
+    total_after: int,
+) -> int:
+    """Upper bound of the tokens one row of ``layer`` holds during a step."""
+    if plan is None or computed_before < prompt_len:
+        # Prefill (or the step that ends it) holds the full sequence until
+        # the layer is compressed at the end of its forward.
+        return total_after
+    generated = total_after - prompt_len
+    grown = plan.kept[layer] + generated
+    if policy.decode_capped:
+        num_new = total_after - computed_before
+        return min(grown, plan.cap[layer] + num_new)
+    return grown
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+def request_pages_bound(
+    policy: Policy,
+    plan: LayerPlan | None,
+    num_layers: int,
+    num_kv_heads: int,
+    page_size: int,
+    prompt_len: int,
+    computed_before: int,
+    total_after: int,
+) -> int:
+    """Pages one request may hold during a step, over all layers and KV heads."""
+    return num_kv_heads * sum(
+        pages_for(
+            row_tokens_bound(policy, plan, layer, prompt_len, computed_before, total_after),
+            page_size,
+        )
+        for layer in range(num_layers)
+    )
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """How vLLM's blocks map onto pages.
+
+    vLLM counts KV memory in blocks of ``block_size`` tokens across every
+    layer; the same bytes hold ``pages_per_block`` pages of ``page_size``
+    tokens of one (layer, KV head).
+    """
+
+    block_size: int
+    page_size: int
+    num_layers: int
+    num_kv_heads: int
+
+    def __post_init__(self) -> None:
+        if self.block_size % self.page_size:
+            raise ValueError(
+                f"vLLM block size {self.block_size} must be a multiple of the page size "
+                f"{self.page_size}"
+            )
+
+    @property
+    def pages_per_block(self) -> int:
+        return self.num_layers * self.num_kv_heads * (self.block_size // self.page_size)
+
+    def blocks_for_pages(self, pages: int) -> int:
+        return math.ceil(pages / self.pages_per_block)

@@ -1,0 +1,47 @@
+"""SnapKV (Li et al., 2024): the last prompt queries vote for the keys worth keeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_kvcompress.policies import register
+from vllm_kvcompress.policies.base import LayerInputs, Policy, protect
+from vllm_kvcompress.policies.scoring import POOLINGS, pool_scores, reduce_gqa, window_attention
+
+
+@register
+@dataclass
+class SnapKV(Policy):
+    """Rank prompt tokens by the attention the observation window pays them.
+
+    The window's queries resemble the generation's, so the keys they attend
+    to are the ones decoding will need. Scores are pooled along the sequence
+    to keep neighbourhoods whole and summed over the query heads of a KV head;
+    the sinks and the window itself are always kept.
+    """
+
+    name: ClassVar[str] = "snapkv"
+
+    kernel_size: int = 7  # odd width of the pooling window; 1 disables pooling
+    pooling: str = "max"  # "max" or "avg"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {self.kernel_size}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
+        # Short prompts come with fewer than `window` queries.
+        observed = inputs.window_queries.shape[1]
+        attn = window_attention(inputs.keys, inputs.window_queries, inputs.scale)
+        # Pool the prefix alone, as the reference does: the window is kept
+        # anyway, and its keys' self-attention would inflate their neighbours.
+        prefix = attn.shape[-1] - observed
+        attn[:, :prefix] = pool_scores(attn[:, :prefix], self.kernel_size, self.pooling)
+        scores = reduce_gqa(attn, inputs.keys.shape[0], "sum")
+        return protect(scores, self.sink_tokens, observed)

@@ -1,0 +1,74 @@
+"""vLLM general plugin: runs in every vLLM process, possibly more than once.
+
+It wraps three ``EngineArgs`` methods (see ``vllm.args``) and vLLM's stat
+logger manager (see ``vllm.metrics``); the scheduler, worker and attention
+backend are named in the engine config and loaded by vLLM itself where they
+run. Registration is idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_MARK = "_kvcompress_wrapped"
+
+
+def register() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, _MARK, False):
+        return
+    from vllm_kvcompress.vllm import args
+
+    add_cli_args = EngineArgs.add_cli_args
+    from_cli_args = EngineArgs.from_cli_args.__func__
+    create_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(add_cli_args)
+    def _add_cli_args(parser, *a, **kw):
+        return args.add_cli_args(add_cli_args(parser, *a, **kw))
+
+    @functools.wraps(from_cli_args)
+    def _from_cli_args(cls, parsed, *a, **kw):
+        engine_args = from_cli_args(cls, parsed, *a, **kw)
+        config = args.config_from_args(parsed)
+        if config is not None:
+            engine_args.additional_config = args.with_config(engine_args.additional_config, config)
+        return engine_args
+
+    @functools.wraps(create_engine_config)
+    def _create_engine_config(self, *a, **kw):
+        config = args.prepare_engine_args(self)
+        vllm_config = create_engine_config(self, *a, **kw)
+        args.finish_vllm_config(vllm_config, config)
+        return vllm_config
+
+    for fn in (_add_cli_args, _from_cli_args, _create_engine_config):
+        setattr(fn, _MARK, True)
+    EngineArgs.add_cli_args = staticmethod(_add_cli_args)
+    EngineArgs.from_cli_args = classmethod(_from_cli_args)
+    EngineArgs.create_engine_config = _create_engine_config
+    _wrap_stat_loggers()
+
+
+def _wrap_stat_loggers() -> None:
+    """Frontends with compression on get our logger first, online and offline alike.
+
+    It must run before vLLM's own loggers: it removes our payload from
+    ``kv_connector_stats``, where vLLM's logging logger would choke on it.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.vllm.metrics import KVCompressStatLogger
+
+    init = StatLoggerManager.__init__
+
+    @functools.wraps(init)
+    def _init(self, vllm_config, *a, custom_stat_loggers=None, **kw):
+        if KVCompressConfig.from_additional_config(vllm_config.additional_config).enabled:
+            custom_stat_loggers = [KVCompressStatLogger, *(custom_stat_loggers or [])]
+        init(self, vllm_config, *a, custom_stat_loggers=custom_stat_loggers, **kw)
+
+    setattr(_init, _MARK, True)
+    StatLoggerManager.__init__ = _init
