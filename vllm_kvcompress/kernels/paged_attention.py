@@ -99,13 +99,14 @@ def chunk_attention(
     slot = torch.arange(total, device=q.device)
     if not need_mass:
         # SDPA's fused kernel; GQA by broadcasting each KV head over its group.
+        expand = (num_kv_heads, group, total, head_dim)
+        k, v = keys.unsqueeze(1).expand(expand), values.unsqueeze(1).expand(expand)
+        if total == n and not lens_before.any():  # a fresh prompt: plain causal, no mask
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), None
         limit = lens_before.view(-1, 1, 1) + torch.arange(n, device=q.device).view(1, -1, 1)
         visible = (slot.view(1, 1, -1) <= limit).unsqueeze(1)  # [H, 1, n, T]
-        expand = (num_kv_heads, group, total, head_dim)
-        out = F.scaled_dot_product_attention(
-            q, keys.unsqueeze(1).expand(expand), values.unsqueeze(1).expand(expand),
-            attn_mask=visible, scale=scale,
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
         return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), None
     out = torch.empty_like(q)
     mass = torch.zeros(num_kv_heads, total, device=q.device) if need_mass else None

@@ -1,0 +1,57 @@
+"""Long-context tasks generated deterministically (no data set downloads).
+
+Each task is a list of :class:`Sample`: a prompt (already in the model's chat
+format when a tokenizer is given) and the expected answer string.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+    "There and back again. "
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    prompt: str
+    answer: str
+    depth: float  # where the needle sits, 0 = start, 1 = end
+    context_tokens: int
+
+
+def _chat(tokenizer, user: str, answer_prefix: str) -> str:
+    if tokenizer is None:
+        return f"{user}\n{answer_prefix}"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
+    return text + answer_prefix
+
+
+def passkey(tokenizer, context_tokens: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0):
+    """A 5-digit pass key hidden in filler text at each depth."""
+    rng = random.Random(seed)
+    filler_tokens = len(tokenizer.encode(FILLER, add_special_tokens=False)) if tokenizer else 25
+    repeats = max(1, context_tokens // filler_tokens)
+    samples = []
+    for depth in depths:
+        key = str(rng.randint(10000, 99999))
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+        cut = int(repeats * depth)
+        haystack = FILLER * cut + needle + FILLER * (repeats - cut)
+        user = (
+            "There is an important info hidden inside a lot of irrelevant text. Find it and "
+            "memorize it. I will quiz you about the important information there.\n\n"
+            + haystack + "\n\nWhat is the pass key? Answer with the number only."
+        )
+        samples.append(Sample("passkey", _chat(tokenizer, user, ""), key, depth, context_tokens))
+    return samples
+
+
+def score(sample: Sample, output: str) -> bool:
+    return sample.answer in output

@@ -1,0 +1,77 @@
+"""Start a real ``vllm serve`` on loopback for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import httpx
+
+# Flags every CPU run here needs: fast start-up, fp32 (no bf16 units), sized KV space.
+CPU_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-num-seqs", "32"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_timeout: float = 600):
+    """Yield the base URL of a ``vllm serve`` process; stop it (and its children) after."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="vllm-serve-", delete=False)
+    cmd = [
+        sys.executable, "-c", "from vllm_kvcompress.cli import vllm_main; vllm_main()",
+        "serve", model, "--host", "127.0.0.1", "--port", str(port),
+        "--kv-cache-memory-bytes", str(kv_bytes), *CPU_FLAGS, *args,
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve did not start within {startup_timeout} s")
+            time.sleep(1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def metric(url: str, name: str, **labels: str) -> float | None:
+    """Read one series from ``/metrics`` (first match of name and labels)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        head = series.split("{", 1)[0]
+        if head != name:
+            continue
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            return float(value)
+    return None

@@ -1,0 +1,70 @@
+"""Options: validation in one place, presets with file:line errors, shipped presets load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_kvcompress.config import KVCompressConfig, PresetError, load_preset, parse_budget
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("text,value", [("0.25", 0.25), ("1", 1.0), ("16", 16), ("512", 512)])
+def test_budget_accepts_fractions_and_token_counts(text, value):
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-0.5", "1.5", "15", "100.5"])
+def test_budget_rejects_values_outside_both_ranges(text):
+    with pytest.raises(ValueError, match="fraction in \\(0, 1\\].*token count >= 16"):
+        parse_budget(text)
+
+
+def test_unknown_policy_names_the_choices():
+    with pytest.raises(ValueError, match="unknown policy 'bogus'.*pyramidkv"):
+        KVCompressConfig(policy="bogus")
+
+
+def test_none_is_disabled_and_builds_no_policy():
+    config = KVCompressConfig()
+    assert not config.enabled and config.build_policy() is None
+
+
+def test_flags_override_preset():
+    config = KVCompressConfig.from_sources(CONFIGS / "pyramidkv.yaml", {"budget": 0.1, "window": None})
+    assert (config.policy, config.budget, config.window) == ("pyramidkv", 0.1, 32)
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_presets_load(preset):
+    config = KVCompressConfig.from_sources(preset)
+    assert config.enabled and config.build_policy().name == config.policy
+
+
+def test_round_trip_through_additional_config():
+    config = KVCompressConfig.from_sources(CONFIGS / "snapkv.yaml", {"budget": 64})
+    again = KVCompressConfig.from_additional_config({"kvcompress": config.to_additional_config()})
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    "text,line,reason",
+    [
+        ("policy: snapkv\nbudget: 3\n", 2, "budget"),
+        ("policy: snapkv\n\nwindow: 0\n", 3, "window"),
+        ("policy: nope\n", 1, "unknown policy"),
+        ("policy: snapkv\ncolour: red\n", 2, "colour"),
+        ("policy: snapkv\npolicy_args:\n  kernel_size: 4\n", 2, "kernel_size"),
+        ("policy: snapkv\nbudget: [0.5\n", 3, "invalid YAML"),
+        ("- a\n- b\n", 1, "mapping"),
+    ],
+)
+def test_malformed_preset_names_file_line_and_reason(tmp_path, text, line, reason):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(PresetError) as err:
+        load_preset(path)
+    assert f"{path}:{line}:" in str(err.value)
+    assert reason in str(err.value)
