@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_timeout: float = 600):
+def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_timeout: float = 600,
+                keep_log: bool = False):
     """Yield the base URL of a ``vllm serve`` process; stop it (and its children) after."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="vllm-serve-", delete=False)
@@ -36,12 +37,17 @@ def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_tim
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
     url = f"http://127.0.0.1:{port}"
+    started = False
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
+                errors = [line for line in log.read().splitlines() if "Error" in line]
+                raise RuntimeError(
+                    f"vllm serve exited with {proc.returncode} (log: {log.name}):\n"
+                    + "\n".join(errors[-15:])
+                )
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
@@ -50,6 +56,7 @@ def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_tim
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vllm serve did not start within {startup_timeout} s")
             time.sleep(1)
+        started = True
         yield url
     finally:
         if proc.poll() is None:
@@ -60,6 +67,8 @@ def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_tim
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+        if started and not keep_log:
+            os.unlink(log.name)
 
 
 def metric(url: str, name: str, **labels: str) -> float | None:

@@ -119,6 +119,11 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
         engine_args.enable_prefix_caching = False
     if not current_platform.is_cpu():
         engine_args.attention_backend = "CUSTOM"  # our backend, registered by the worker
+    if engine_args.block_size is None:
+        # vLLM blocks are only units of account for our pages; small ones round a
+        # compressed request up by little (CPU's default of 128 tokens wastes up to
+        # half of a short compressed prompt). 32 keeps vLLM's CPU checks quiet.
+        engine_args.block_size = max(config.page_size, 32 if current_platform.is_cpu() else 16)
     if (current_platform.is_cpu() and engine_args.kv_cache_memory_bytes is None
             and "VLLM_CPU_KVCACHE_SPACE" not in os.environ):
         engine_args.kv_cache_memory_bytes = _cpu_default_kv_bytes()
