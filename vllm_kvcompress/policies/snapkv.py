@@ -25,7 +25,10 @@ class SnapKV(Policy):
 
     name: ClassVar[str] = "snapkv"
 
-    kernel_size: int = 7  # odd width of the pooling window; 1 disables pooling
+    # Odd width of the pooling window; 1 disables pooling. The SnapKV paper uses 7; on
+    # SmolLM2-135M, which splits numbers into single digits, 15 keeps whole numbers:
+    # a 2K-token passkey at 25% budget went from 4/10 to 10/10 (README, Results).
+    kernel_size: int = 15
     pooling: str = "max"  # "max" or "avg"
 
     def __post_init__(self) -> None:
