@@ -1,13 +1,16 @@
-"""A budget that covers the whole prompt gives plain vLLM's greedy tokens; batches don't matter."""
+"""Outputs that must not change: a budget covering the prompt gives plain vLLM's greedy tokens,
+and a compressed request's tokens depend neither on its batch nor on being preempted."""
 
 from __future__ import annotations
 
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.e2e.server import vllm_server
+from tests.e2e.server import metric, vllm_server
+from tests.e2e.test_drain import random_prompt
 
 pytestmark = pytest.mark.e2e
 
@@ -29,8 +32,8 @@ def prompts() -> list[str]:
     ]
 
 
-def greedy(url: str, model: str, prompt: str) -> list[int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+def greedy(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> list[str]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "logprobs": 1, "ignore_eos": True}
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
     response.raise_for_status()
@@ -50,15 +53,51 @@ def plain_tokens(default_model):
         return run_all(url, default_model, concurrent=False)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "streamingllm"])
+@pytest.mark.parametrize(
+    "policy", ["snapkv", "h2o", pytest.param("streamingllm", marks=pytest.mark.slow)]
+)
 def test_budget_covering_the_prompt_gives_plain_vllm_tokens(default_model, plain_tokens, policy):
     # 4096 tokens cover every prompt and its output: nothing is ever evicted.
     with vllm_server(default_model, "--kv-policy", policy, "--kv-budget", "4096") as url:
         assert run_all(url, default_model, concurrent=False) == plain_tokens
 
 
-def test_output_does_not_depend_on_the_batch(default_model):
-    with vllm_server(default_model, "--kv-policy", "pyramidkv", "--kv-budget", "0.25") as url:
-        alone = run_all(url, default_model, concurrent=False)
-        together = run_all(url, default_model, concurrent=True)
+def test_chunked_prefill_gives_the_same_tokens(default_model, plain_tokens):
+    flags = ("--kv-policy", "snapkv", "--kv-budget", "4096", "--max-num-batched-tokens", "96")
+    with vllm_server(default_model, *flags) as url:
+        assert run_all(url, default_model, concurrent=False) == plain_tokens
+
+
+PYRAMID = ("--kv-policy", "pyramidkv", "--kv-budget", "0.25", "--max-model-len", "1536")
+
+
+def long_requests() -> list[str]:
+    rng = random.Random(7)
+    return [random_prompt(rng, rng.randint(550, 650)) for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def pyramid_url(default_model):
+    with vllm_server(default_model, *PYRAMID, kv_bytes=400_000_000) as url:
+        yield url
+
+
+def test_output_does_not_depend_on_the_batch(default_model, pyramid_url):
+    alone = run_all(pyramid_url, default_model, concurrent=False)
+    together = run_all(pyramid_url, default_model, concurrent=True)
     assert together == alone
+
+
+def test_preempted_requests_recompute_to_the_same_tokens(default_model, pyramid_url):
+    """Decode growth overflows a small KV space: vLLM preempts, recomputes, and the
+    compressed prompt comes back the same."""
+    def outputs(url):
+        with ThreadPoolExecutor(6) as pool:
+            return list(pool.map(lambda p: greedy(url, default_model, p, 300), long_requests()))
+
+    roomy = outputs(pyramid_url)
+    with vllm_server(default_model, *PYRAMID, kv_bytes=80_000_000) as url:
+        tight = outputs(url)
+        preemptions = metric(url, "vllm:num_preemptions_total")
+    assert preemptions and preemptions >= 1
+    assert tight == roomy

@@ -115,16 +115,21 @@ class KVCompressRunnerMixin:
 
     def execute_model(self, *args, **kwargs):
         try:
-            return super().execute_model(*args, **kwargs)
+            # An output here means no sampling follows (e.g. a step that only frees
+            # finished requests): report then, so /metrics sees the pages come back.
+            return self._with_stats(super().execute_model(*args, **kwargs))
         finally:
             if self.kvcompress is not None:
                 self.kvcompress.end_step()
 
     def sample_tokens(self, *args, **kwargs):
-        output = super().sample_tokens(*args, **kwargs)
-        if self.kvcompress is not None and hasattr(output, "req_ids"):
-            output = copy.copy(output)  # never touch vLLM's shared empty output
-            setattr(output, STATS_KEY, self._kvcompress_stats().to_dict())
+        return self._with_stats(super().sample_tokens(*args, **kwargs))
+
+    def _with_stats(self, output):
+        if self.kvcompress is None or not hasattr(output, "req_ids"):
+            return output
+        output = copy.copy(output)  # never touch vLLM's shared empty output
+        setattr(output, STATS_KEY, self._kvcompress_stats().to_dict())
         return output
 
     def _kvcompress_stats(self) -> WorkerStats:
