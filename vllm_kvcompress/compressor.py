@@ -20,11 +20,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_kvcompress.kernels.paged_attention import chunk_attention, paged_decode_attention
-from vllm_kvcompress.paging.accounting import LayerPlan, pages_for, plan_layers
+from vllm_kvcompress.kernels.paged_attention import chunk_attention, decode_attention
+from vllm_kvcompress.paging.accounting import LayerPlan, plan_layers
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
-from vllm_kvcompress.paging.store import PagedKVStore
+from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy
+
+
+def metadata_for(policy: Policy | None) -> tuple[str, ...]:
+    """Slot metadata the store must keep for ``policy`` (see ``paging.store``)."""
+    if policy is None:
+        return ()
+    return slot_metadata(needs_positions=policy.decode_capped,
+                         needs_mass=policy.needs_attention_mass)
 
 
 @dataclass
@@ -47,6 +55,8 @@ class KVCompressor:
         self._plans: dict[int, LayerPlan | None] = {}
         self._windows: dict[int, list[torch.Tensor | None]] = {}
         self._logical: dict[int, int] = {}  # slot -> tokens the request holds uncompressed
+        # Per-head policies: prompt tokens kept per [layer][head], for the scheduler.
+        self._kept_rows: dict[str, np.ndarray] = {}
 
     # -- request lifecycle ---------------------------------------------------
     def release(self, req_ids) -> None:
@@ -83,6 +93,12 @@ class KVCompressor:
 
     def end_step(self) -> None:
         self.step = None
+
+    def take_kept_rows(self) -> dict[str, list[list[int]]]:
+        """Exact kept counts of prompts compressed since the last call (per-head policies)."""
+        reports = {req_id: rows.tolist() for req_id, rows in self._kept_rows.items()}
+        self._kept_rows = {}
+        return reports
 
     def logical_tokens(self) -> int:
         """Tokens the open requests would hold without compression."""
@@ -125,10 +141,12 @@ class KVCompressor:
 
     def _attend_decode(self, layer, step, query, scale, need_mass, out) -> None:
         rows = step.slots[step.decode, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
-        lens = torch.from_numpy(self.store.lens[layer, rows])
-        result, mass = paged_decode_attention(
-            query[step.decode_tokens], self.store.kv, self.store.tables[layer],
-            torch.from_numpy(rows), lens, scale, need_mass,
+        keys, values = self.store.gather(layer, rows.reshape(-1))
+        batch = len(step.decode)
+        result, mass = decode_attention(
+            query[step.decode_tokens], keys.view(batch, self.num_kv_heads, *keys.shape[1:]),
+            values.view(batch, self.num_kv_heads, *values.shape[1:]),
+            torch.from_numpy(self.store.lens[layer, rows]), scale, need_mass,
         )
         out[step.decode_tokens] = result
         if mass is not None:
@@ -148,8 +166,7 @@ class KVCompressor:
         )
         out[start:end] = result
         if mass is not None:
-            width = pages_for(mass.shape[1], self.store.shape.page_size) * self.store.shape.page_size
-            self.store.add_mass(layer, rows, torch.nn.functional.pad(mass, (0, width - mass.shape[1])))
+            self.store.add_mass(layer, rows, mass)
 
     # -- compression ---------------------------------------------------------
     def _observe(self, layer, step, query) -> None:
@@ -183,11 +200,12 @@ class KVCompressor:
                     self._windows.pop(slot, None)
             self.stats.prompt_tokens += prompt_len * len(rows)
             if budget >= prompt_len:
+                self._report(req, layer, np.full(len(rows), prompt_len))
                 continue
             keys, values = self.store.gather(layer, rows)
             mass = None
             if self.policy.needs_attention_mass:
-                mass = self.store.gather_slot_metadata(layer, rows)[1][:, :prompt_len]
+                mass = self.store.gather_slot_metadata(layer, rows, "mass")[:, :prompt_len]
             inputs = LayerInputs(
                 keys=keys[:, :prompt_len], values=values[:, :prompt_len],
                 window_queries=window, layer=layer, num_layers=self.num_layers, scale=scale,
@@ -197,6 +215,13 @@ class KVCompressor:
             keep[:, :prompt_len] = self.policy.select(inputs, budget)
             new_lens = self.store.compact(layer, rows, keep)
             self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
+            self._report(req, layer, new_lens - (req.total_after - prompt_len))
+
+    def _report(self, req: StepRequest, layer: int, kept: np.ndarray) -> None:
+        if not self.policy.uniform_heads:
+            rows = self._kept_rows.setdefault(
+                req.req_id, np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64))
+            rows[layer] = kept
 
     def _evict(self, layer, step) -> None:
         """Bring decode-capped rows back to their cap, lowest-ranked slots first."""
@@ -214,7 +239,9 @@ class KVCompressor:
         if not sel.any():
             return
         rows, caps, newest, over = rows[sel], caps[sel], newest[sel], over[sel]
-        positions, mass = self.store.gather_slot_metadata(layer, rows)
+        positions = self.store.gather_slot_metadata(layer, rows, "pos")
+        mass = (self.store.gather_slot_metadata(layer, rows, "mass")
+                if self.policy.needs_attention_mass else torch.zeros_like(positions, dtype=torch.float32))
         scores = self.policy.slot_scores(
             positions, mass, torch.from_numpy(newest), torch.from_numpy(caps)
         ).float()

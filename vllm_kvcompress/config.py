@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vllm_kvcompress.paging.formats import FORMAT_NAMES
 from vllm_kvcompress.policies import Policy, build_policy, policy_names
 
 ADDITIONAL_CONFIG_KEY = "kvcompress"
@@ -44,6 +45,9 @@ class KVCompressConfig(BaseModel):
     budget: float | int = Field(1.0, description="fraction of the prompt kept, or tokens kept")
     window: int = Field(32, ge=1, description="observation window: last prompt tokens that vote")
     sink_tokens: int = Field(4, ge=0, description="first tokens always kept")
+    quant: str | None = Field(
+        None, description="page format: none, k8v8, k8v4, k4v4 (default: none; leankv: k8v4)"
+    )
     page_size: int = Field(16, ge=1, description="tokens per page of one (layer, KV head)")
     policy_args: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
 
@@ -52,6 +56,13 @@ class KVCompressConfig(BaseModel):
     def _known_policy(cls, value: str) -> str:
         if value not in policy_names():
             raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(policy_names())}")
+        return value
+
+    @field_validator("quant")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None and value not in FORMAT_NAMES:
+            raise ValueError(f"unknown KV format {value!r}; choose one of {', '.join(FORMAT_NAMES)}")
         return value
 
     @field_validator("budget", mode="before")
@@ -67,12 +78,20 @@ class KVCompressConfig(BaseModel):
         return value
 
     @property
+    def page_format(self) -> str:
+        """The page format in use: ``quant``, or LeanKV's K8V4 when not given."""
+        if self.quant is not None:
+            return self.quant
+        return "k8v4" if self.policy == "leankv" else "none"
+
+    @property
     def enabled(self) -> bool:
-        return self.policy != "none"
+        """Whether the plugin takes over the KV cache (any policy or quantization)."""
+        return self.policy != "none" or self.page_format != "none"
 
     def build_policy(self) -> Policy | None:
-        """The policy object, or ``None`` for plain vLLM."""
-        if not self.enabled:
+        """The policy object, or ``None`` when nothing is evicted."""
+        if self.policy == "none":
             return None
         return build_policy(
             self.policy, budget=self.budget, window=self.window, sink_tokens=self.sink_tokens,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import Policy
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
@@ -26,6 +28,12 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (PyramidKV, {}),
     (PyramidKV, {"beta": 2.0, "budget": 64, "window": 16, "pooling": "avg"}),
     (PyramidKV, {"beta": 1.0, "budget": 0.9}),
+    (AdaKV, {}),
+    (AdaKV, {"floor_ratio": 0.0, "kernel_size": 1, "window": 8}),
+    (AdaKV, {"floor_ratio": 1.0, "pooling": "avg", "kernel_size": 5, "budget": 0.5}),
+    (LeanKV, {}),
+    (LeanKV, {"mass_threshold": 0.5, "min_ratio": 0.0, "window": 8, "sink_tokens": 0}),
+    (LeanKV, {"mass_threshold": 1.0, "min_ratio": 1.0, "budget": 64}),
 ]
 
 

@@ -91,3 +91,18 @@ def assert_scores_close(
     assert torch.equal(torch.isinf(actual), torch.isinf(expected))
     finite = torch.isfinite(expected)
     torch.testing.assert_close(actual[finite], expected[finite], rtol=rtol, atol=atol)
+
+
+def assert_within_budget(uniform_heads: bool, keep: torch.Tensor, budget: int) -> None:
+    """``keep`` [H, T] obeys the ``Policy.uniform_heads`` contract for a layer ``budget``.
+
+    Uniform: exactly ``min(budget, T)`` per head. Per-head budgets: no head
+    above ``min(T, H * budget)`` and the layer's total within ``H * budget``.
+    """
+    num_heads, num_tokens = keep.shape
+    per_head = keep.sum(dim=-1)
+    if uniform_heads:
+        assert (per_head == min(budget, num_tokens)).all(), per_head.tolist()
+        return
+    assert (per_head <= min(num_tokens, num_heads * budget)).all(), per_head.tolist()
+    assert int(per_head.sum()) <= num_heads * budget, per_head.tolist()

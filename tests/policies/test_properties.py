@@ -10,15 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_kvcompress.policies import build_policy, policy_names
+from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import resolve_budget
 from vllm_kvcompress.policies.budgets import pyramid_layer_budgets
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
 
 from .default_policies import DEFAULT_POLICIES, policy_id
-from .helpers import make_inputs
+from .helpers import assert_within_budget, make_inputs
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -34,14 +36,59 @@ shapes = st.tuples(
 @FAST
 @given(shape=shapes, budget=st.integers(1, 260), seed=st.integers(0, 2**16))
 def test_kept_count_is_min_of_budget_and_tokens(entry, shape, budget, seed):
+    """Uniform policies keep min(budget, T) per head; the others obey the per-head bounds."""
     cls, kwargs = entry
     policy = cls(**kwargs)
     inputs = make_inputs(*shape, window=policy.window, seed=seed)
     keep = policy.select(inputs, budget)
-    assert (keep.sum(dim=-1) == min(budget, shape[2])).all()
+    assert keep.dtype == torch.bool and keep.shape == (shape[0], shape[2])
+    assert_within_budget(policy.uniform_heads, keep, budget)
+    if cls is AdaKV:  # the layer's budget is always spent in full
+        assert int(keep.sum()) == shape[0] * min(budget, shape[2])
 
 
-@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV])
+@pytest.mark.parametrize("cls", [AdaKV, LeanKV])
+@FAST
+@given(
+    shape=shapes,
+    budget=st.integers(1, 260),
+    sink_tokens=st.integers(0, 8),
+    window=st.integers(1, 40),
+    ratio=st.floats(0, 1),
+    threshold=st.floats(0.01, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_per_head_budgets_stay_within_the_layer(
+    cls, shape, budget, sink_tokens, window, ratio, threshold, seed
+):
+    """Per-head counts differ but stay in bounds, and the protected tokens fit in every head."""
+    assert not cls.uniform_heads
+    if cls is AdaKV:
+        policy = AdaKV(window=window, sink_tokens=sink_tokens, floor_ratio=ratio)
+    else:
+        policy = LeanKV(
+            window=window, sink_tokens=sink_tokens, min_ratio=ratio, mass_threshold=threshold
+        )
+    num_kv_heads, num_tokens = shape[0], shape[2]
+    inputs = make_inputs(*shape, window=window, seed=seed)
+    keep = policy.select(inputs, budget)
+    per_head = keep.sum(dim=-1)
+    assert (per_head <= min(num_tokens, num_kv_heads * budget)).all()
+    assert int(per_head.sum()) <= num_kv_heads * budget
+    if cls is AdaKV:
+        assert int(per_head.sum()) == min(num_kv_heads * budget, num_kv_heads * num_tokens)
+    else:  # LeanKV: never above the budget nor below min_ratio of it in any head
+        assert (per_head <= min(budget, num_tokens)).all()
+        assert (per_head >= min(budget, num_tokens, math.ceil(ratio * budget))).all()
+    protected = min(num_tokens, sink_tokens + window)
+    if budget >= protected:
+        assert keep[:, :sink_tokens].all()
+        assert keep[:, max(0, num_tokens - window) :].all()
+    else:  # too small a budget for the protected tokens: it holds only protected ones
+        assert torch.isinf(policy.score(inputs)[keep]).all()
+
+
+@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV])
 @FAST
 @given(
     shape=shapes,
@@ -134,6 +181,14 @@ def test_unknown_policy_names_the_choices(name):
         (StreamingLLM, {"budget": 8}, "budget"),
         (SnapKV, {"window": 0}, "window"),
         (H2O, {"sink_tokens": -1}, "sink_tokens"),
+        (AdaKV, {"floor_ratio": -0.1}, "floor_ratio"),
+        (AdaKV, {"floor_ratio": 1.5}, "floor_ratio"),
+        (AdaKV, {"kernel_size": 2}, "kernel_size"),
+        (LeanKV, {"mass_threshold": 0.0}, "mass_threshold"),
+        (LeanKV, {"mass_threshold": 1.01}, "mass_threshold"),
+        (LeanKV, {"min_ratio": -0.5}, "min_ratio"),
+        (LeanKV, {"min_ratio": 2.0}, "min_ratio"),
+        (LeanKV, {"pooling": "median"}, "pooling"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(cls, kwargs, field):
@@ -160,7 +215,14 @@ def test_out_of_range_hyperparameters_raise(recent_ratio, kernel_size, beta):
 
 def test_select_never_crashes_when_budget_is_below_the_protected_count():
     inputs = make_inputs(2, 2, 50, 16, window=32)
-    policies = (SnapKV(sink_tokens=8), PyramidKV(), H2O(sink_tokens=8), StreamingLLM(sink_tokens=8))
+    policies = (
+        SnapKV(sink_tokens=8),
+        PyramidKV(),
+        H2O(sink_tokens=8),
+        StreamingLLM(sink_tokens=8),
+        AdaKV(sink_tokens=8),
+        LeanKV(sink_tokens=8),
+    )
     for policy in policies:
         keep = policy.select(inputs, 3)
         assert (keep.sum(-1) == 3).all()

@@ -1,32 +1,15 @@
-"""Attention over per-(layer, KV head) pages: the torch path.
+"""Attention over the rows of the page store: the torch path.
 
 This is the reference implementation that the Triton kernels are checked
-against, and the path that serves on CPU. Page layout (see
-``vllm_kvcompress.paging.store``)::
-
-    kv     [num_pages, 2, page_size, D]   K at [:, 0], V at [:, 1]
-    table  [num_rows, max_pages]          page ids of each row, packed from 0
-    lens   [num_rows]                     tokens stored in each row
-
-A row is one (request, KV head); query heads ``h*G .. h*G+G-1`` read row ``h``.
+against, and the path that serves on CPU. It works on rows already gathered
+from the pages and dequantized by the store (``PagedKVStore.gather``): a row
+is one (request, KV head), and query heads ``h*G .. h*G+G-1`` read row ``h``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def gather_rows(
-    kv: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, max_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of ``rows`` as dense [R, T, D] tensors, T = max_len rounded up to pages."""
-    page_size = kv.shape[2]
-    num_pages = max(1, -(-max_len // page_size))
-    pages = table[rows, :num_pages].long()  # [R, num_pages]
-    keys = kv[:, 0][pages].flatten(1, 2)  # [R, num_pages * page_size, D]
-    values = kv[:, 1][pages].flatten(1, 2)
-    return keys, values
 
 
 def _attend(
@@ -47,27 +30,23 @@ def _attend(
     return out, mass
 
 
-def paged_decode_attention(
+def decode_attention(
     q: torch.Tensor,
-    kv: torch.Tensor,
-    table: torch.Tensor,
-    rows: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
     lens: torch.Tensor,
     scale: float,
     need_mass: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One query token per request over its pages.
+    """One query token per request over its rows.
 
-    q [B, Hq, D]; rows and lens [B, H]. Returns out [B, Hq, D] and, if
-    ``need_mass``, the attention probabilities summed over each group [B, H, T]
-    (T = the gathered length, zero past ``lens``).
+    q [B, Hq, D]; keys/values [B, H, T, D] (padded past ``lens`` [B, H]).
+    Returns out [B, Hq, D] and, if ``need_mass``, the attention probabilities
+    summed over each group [B, H, T] (zero past ``lens``).
     """
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = rows.shape[1]
+    num_kv_heads = keys.shape[1]
     group = num_q_heads // num_kv_heads
-    keys, values = gather_rows(kv, table, rows.reshape(-1), int(lens.max()))
-    keys = keys.view(batch, num_kv_heads, -1, head_dim)
-    values = values.view(batch, num_kv_heads, -1, head_dim)
     visible = torch.arange(keys.shape[2], device=q.device) < lens.unsqueeze(-1)  # [B, H, T]
     out, mass = _attend(
         q.view(batch, num_kv_heads, group, 1, head_dim), keys, values,

@@ -16,17 +16,28 @@ A row is the page list of one (request, layer, KV head).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm_kvcompress.policies.base import Policy
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Per-layer token counts of one compressed prompt."""
+    """Per-layer token counts of one compressed prompt.
 
-    kept: tuple[int, ...]  # tokens per KV head kept from the prompt
+    With uniform heads every KV head keeps ``kept[l]`` tokens. With per-head
+    budgets (Ada-KV, LeanKV) heads differ and only the layer total,
+    ``H * kept[l]``, is known in advance; once the worker has compressed the
+    prompt it reports the exact counts (``rows``), which replace the bound.
+    """
+
+    kept: tuple[int, ...]  # tokens per KV head kept from the prompt (a layer average if not uniform)
     cap: tuple[int, ...]  # decode-capped policies: tokens per KV head held during decode
+    uniform: bool = True
+    rows: tuple[tuple[int, ...], ...] | None = None  # exact [layer][head] counts, when reported
+
+    def with_rows(self, rows) -> LayerPlan:
+        return replace(self, rows=tuple(tuple(int(c) for c in layer) for layer in rows))
 
 
 def plan_layers(policy: Policy, prompt_len: int, num_layers: int) -> LayerPlan:
@@ -42,28 +53,39 @@ def plan_layers(policy: Policy, prompt_len: int, num_layers: int) -> LayerPlan:
     budgets = policy.layer_budgets(max(reference_len, 1), num_layers)
     cap = tuple(max(b, floor) for b in budgets)
     kept = tuple(min(prompt_len, c) for c in cap)
-    return LayerPlan(kept=kept, cap=cap)
+    return LayerPlan(kept=kept, cap=cap, uniform=policy.uniform_heads)
 
 
-def row_tokens_bound(
+def layer_pages_bound(
     policy: Policy,
     plan: LayerPlan | None,
     layer: int,
+    num_kv_heads: int,
+    page_size: int,
     prompt_len: int,
     computed_before: int,
     total_after: int,
 ) -> int:
-    """Upper bound of the tokens one row of ``layer`` holds during a step."""
+    """Upper bound of the pages one layer of a request holds during a step."""
     if plan is None or computed_before < prompt_len:
         # Prefill (or the step that ends it) holds the full sequence until
         # the layer is compressed at the end of its forward.
-        return total_after
+        return num_kv_heads * pages_for(total_after, page_size)
     generated = total_after - prompt_len
-    grown = plan.kept[layer] + generated
+    num_new = total_after - computed_before
+    if plan.rows is not None:
+        counts = [c + generated for c in plan.rows[layer]]
+    elif plan.uniform:
+        counts = [plan.kept[layer] + generated] * num_kv_heads
+    else:
+        # Heads differ, the total does not: sum(ceil(c_h / P)) <= (total + H (P - 1)) / P.
+        if policy.decode_capped:
+            raise ValueError("per-head budgets with decode-time eviction are not supported")
+        total = num_kv_heads * (plan.kept[layer] + generated)
+        return (total + num_kv_heads * (page_size - 1)) // page_size
     if policy.decode_capped:
-        num_new = total_after - computed_before
-        return min(grown, plan.cap[layer] + num_new)
-    return grown
+        counts = [min(c, plan.cap[layer] + num_new) for c in counts]
+    return sum(pages_for(c, page_size) for c in counts)
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -81,11 +103,9 @@ def request_pages_bound(
     total_after: int,
 ) -> int:
     """Pages one request may hold during a step, over all layers and KV heads."""
-    return num_kv_heads * sum(
-        pages_for(
-            row_tokens_bound(policy, plan, layer, prompt_len, computed_before, total_after),
-            page_size,
-        )
+    return sum(
+        layer_pages_bound(policy, plan, layer, num_kv_heads, page_size, prompt_len,
+                          computed_before, total_after)
         for layer in range(num_layers)
     )
 

@@ -2,11 +2,15 @@
 
 Layout (one store per worker / tensor-parallel rank)::
 
-    kv     [num_pages, 2, page_size, D]  K at [:, 0], V at [:, 1], model dtype
-    pos    [num_pages, page_size]        logical position of each slot (int32)
-    mass   [num_pages, page_size]        attention mass each slot received (float32)
-    tables [L, max_requests * H, max_pages_per_row]   page ids of every row
-    lens   [L, max_requests * H]         tokens held by every row (host)
+    parts[name]  [num_pages, page_size, *shape]   one tensor per slot component
+    tables       [L, max_requests * H, max_pages_per_row]   page ids of every row
+    lens         [L, max_requests * H]            tokens held by every row (host)
+
+A slot's components come from its page format (``paging.formats``): K and V in
+the model dtype, or quantized codes with per-token scales (K8V4 ...), plus
+the slot metadata the policy needs (``pos``: logical position, ``mass``:
+attention mass received). Every scale belongs to one token, so moving a slot
+moves all of its bytes and never re-quantizes.
 
 A *row* is one (request, KV head) of one layer: ``row = slot * H + head``.
 Its tokens sit in pages ``tables[layer, row, :ceil(lens / page_size)]``,
@@ -22,17 +26,22 @@ allocation here succeeds, and a failure is a bug, raised loudly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from vllm_kvcompress.kernels.paged_attention import gather_rows
 from vllm_kvcompress.paging.accounting import pages_for
+from vllm_kvcompress.paging.formats import PageFormat, decode, encode, page_format
 from vllm_kvcompress.paging.pool import PagePool
 
-# Bytes of slot metadata beside K and V: position (int32) + attention mass (float32).
-SLOT_METADATA_BYTES = 8
+# Per-slot metadata a policy may need beside K and V.
+SLOT_METADATA = {"pos": ((), torch.int32), "mass": ((), torch.float32)}
+
+
+def slot_metadata(needs_positions: bool, needs_mass: bool) -> tuple[str, ...]:
+    return tuple(n for n, on in (("pos", needs_positions), ("mass", needs_mass)) if on)
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,25 @@ class StoreShape:
     head_dim: int
     page_size: int
     dtype: torch.dtype
+    format: PageFormat = field(default_factory=lambda: page_format("none"))
+    metadata: tuple[str, ...] = ()
+
+    def components(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        parts = dict(self.format.components(self.head_dim, self.dtype))
+        parts.update({name: SLOT_METADATA[name] for name in self.metadata})
+        return parts
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one stored token of one (layer, KV head), scales and metadata included."""
+        return sum(
+            math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            for shape, dtype in self.components().values()
+        )
 
     @property
     def page_bytes(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return self.page_size * (2 * self.head_dim * element + SLOT_METADATA_BYTES)
+        return self.page_size * self.slot_bytes
 
 
 class PagedKVStore:
@@ -59,14 +82,16 @@ class PagedKVStore:
         device: torch.device | str = "cpu",
     ) -> None:
         self.shape = shape
-        layers, heads, dim, size = (
-            shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.page_size,
-        )
+        layers, heads, size = shape.num_layers, shape.num_kv_heads, shape.page_size
         self.device = torch.device(device)
         # Zeros, not empty: masked-out slots are still multiplied by 0, and 0 * NaN is NaN.
-        self.kv = torch.zeros((num_pages, 2, size, dim), dtype=shape.dtype, device=device)
-        self.pos = torch.full((num_pages, size), -1, dtype=torch.int32, device=device)
-        self.mass = torch.zeros((num_pages, size), dtype=torch.float32, device=device)
+        self.parts = {
+            name: torch.zeros((num_pages, size, *dims), dtype=dtype, device=device)
+            for name, (dims, dtype) in shape.components().items()
+        }
+        if "pos" in self.parts:
+            self.parts["pos"].fill_(-1)
+        self._kv_names = [n for n in self.parts if n not in SLOT_METADATA]
         self.pool = PagePool(num_pages, device)
         self.max_pages_per_row = pages_for(max_tokens_per_row, size)
         self.tables = torch.zeros(
@@ -118,14 +143,14 @@ class PagedKVStore:
         total = int(need.sum())
         if total == 0:
             return
+        if int((first + need).max()) > self.max_pages_per_row:
+            raise RuntimeError("a row outgrew max_model_len")
         pages = self.pool.allocate(total)
         if pages is None:
             raise RuntimeError(
                 f"page pool exhausted ({total} pages asked, {self.pool.num_free} free): "
                 "the scheduler's reservation did not cover this step"
             )
-        if int(need.max()) and int((first + need).max()) > self.max_pages_per_row:
-            raise RuntimeError("a row outgrew max_model_len")
         flat = need.ravel()
         layer_idx = np.repeat(np.repeat(np.arange(old.shape[0]), old.shape[1]), flat)
         row_idx = np.repeat(np.tile(rows, old.shape[0]), flat)
@@ -154,67 +179,78 @@ class PagedKVStore:
         pages = self.tables[layer, torch.from_numpy(rows), torch.from_numpy(slots // size)].long()
         return pages, torch.from_numpy(slots % size).to(self.device)
 
+    def _row_pages(self, layer: int, rows: np.ndarray) -> torch.Tensor:
+        width = max(1, pages_for(int(self.lens[layer, rows].max()), self.shape.page_size))
+        return self.tables[layer, torch.from_numpy(rows), :width].long()
+
     def write(
         self, layer: int, rows: np.ndarray, slots: np.ndarray, key: torch.Tensor,
         value: torch.Tensor, positions: torch.Tensor,
     ) -> None:
         """Store tokens: ``rows``/``slots`` [N, H] say where, key/value [N, H, D]."""
         pages, offsets = self._locate(layer, rows, slots)
-        self.kv[pages, 0, offsets] = key.to(self.kv.dtype)
-        self.kv[pages, 1, offsets] = value.to(self.kv.dtype)
-        self.pos[pages, offsets] = positions.to(torch.int32).view(-1, 1).expand_as(pages)
-        self.mass[pages, offsets] = 0.0
+        fmt = self.shape.format
+        for side, x in (("k", key), ("v", value)):
+            for name, part in encode(fmt, side, x).items():
+                self.parts[name][pages, offsets] = part.to(self.parts[name].dtype)
+        if "pos" in self.parts:
+            self.parts["pos"][pages, offsets] = positions.to(torch.int32).view(-1, 1).expand_as(pages)
+        if "mass" in self.parts:
+            self.parts["mass"][pages, offsets] = 0.0
 
     def gather(self, layer: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``rows`` as [R, T, D] (T >= max length; pad past ``lens``)."""
-        table = self.tables[layer]
-        return gather_rows(self.kv, table, torch.from_numpy(rows), int(self.lens[layer, rows].max()))
+        """K and V of ``rows`` as [R, T, D] in the model dtype (T >= max length; pad past ``lens``)."""
+        pages = self._row_pages(layer, rows)
+        fmt, dtype = self.shape.format, self.shape.dtype
+        keys, values = (
+            decode(fmt, side, {
+                name: self.parts[name][pages].flatten(1, 2)
+                for name in self._kv_names if name.startswith(side)
+            }, dtype)
+            for side in ("k", "v")
+        )
+        return keys, values
 
-    def gather_slot_metadata(self, layer: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions and attention mass of ``rows`` as [R, T] (T as in :meth:`gather`)."""
-        size = self.shape.page_size
-        width = max(1, pages_for(int(self.lens[layer, rows].max()), size))
-        pages = self.tables[layer, torch.from_numpy(rows), :width].long()
-        return self.pos[pages].flatten(1), self.mass[pages].flatten(1)
+    def gather_slot_metadata(self, layer: int, rows: np.ndarray, name: str) -> torch.Tensor:
+        """Slot metadata ``name`` ("pos" or "mass") of ``rows`` as [R, T] (T as in :meth:`gather`)."""
+        return self.parts[name][self._row_pages(layer, rows)].flatten(1)
 
     def add_mass(self, layer: int, rows: np.ndarray, mass: torch.Tensor) -> None:
         """Accumulate attention mass [R, T] (zero past each row's length) into the slots."""
         size = self.shape.page_size
-        width = mass.shape[1] // size
+        width = -(-mass.shape[1] // size)
+        mass = torch.nn.functional.pad(mass, (0, width * size - mass.shape[1]))
         pages = self.tables[layer, torch.from_numpy(rows), :width].long()
         # accumulate: stale table entries past a row's length may alias live pages.
-        self.mass.index_put_(
-            (pages,), mass.view(len(rows), width, size).to(self.mass.dtype), accumulate=True
-        )
+        target = self.parts["mass"]
+        target.index_put_((pages,), mass.view(len(rows), width, size).to(target.dtype),
+                          accumulate=True)
 
     # -- eviction ------------------------------------------------------------
     def compact(self, layer: int, rows: np.ndarray, keep: torch.Tensor) -> np.ndarray:
         """Keep the slots marked in ``keep`` [R, T] (in order), free emptied pages.
 
+        Moves every component of a slot as stored: nothing is re-quantized.
         Returns the new length of every row.
         """
-        lens = self.lens[layer, rows]
-        width = keep.shape[1]
-        keep = keep & (torch.arange(width, device=keep.device) < torch.from_numpy(lens).to(keep.device).unsqueeze(1))
+        lens = torch.from_numpy(self.lens[layer, rows]).to(keep.device)
+        keep = keep & (torch.arange(keep.shape[1], device=keep.device) < lens.unsqueeze(1))
         kept = keep.sum(dim=1)
         new_lens = kept.cpu().numpy().astype(np.int64)
         longest = int(new_lens.max())
         if longest:
             order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
-            keys, values = self.gather(layer, rows)
-            positions, mass = self.gather_slot_metadata(layer, rows)
-            index = order.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
-            keys, values = keys.gather(1, index), values.gather(1, index)
-            positions, mass = positions.gather(1, order), mass.gather(1, order)
+            pages = self._row_pages(layer, rows)
             valid = torch.arange(longest, device=keep.device) < kept.unsqueeze(1)
-            slot_grid = np.broadcast_to(np.arange(longest), (len(rows), longest))
-            row_grid = np.broadcast_to(rows[:, None], (len(rows), longest))
             mask = valid.cpu().numpy()
-            pages, offsets = self._locate(layer, row_grid[mask], slot_grid[mask])
-            self.kv[pages, 0, offsets] = keys[valid]
-            self.kv[pages, 1, offsets] = values[valid]
-            self.pos[pages, offsets] = positions[valid]
-            self.mass[pages, offsets] = mass[valid]
+            slot_grid = np.broadcast_to(np.arange(longest), (len(rows), longest))[mask]
+            row_grid = np.broadcast_to(rows[:, None], (len(rows), longest))[mask]
+            dst_pages, dst_offsets = self._locate(layer, row_grid, slot_grid)
+            for part in self.parts.values():
+                flat = part[pages].flatten(1, 2)  # [R, T, ...] copy, read before any write
+                index = order.view(*order.shape, *([1] * (flat.dim() - 2))).expand(
+                    -1, -1, *flat.shape[2:])
+                part[dst_pages, dst_offsets] = flat.gather(1, index)[valid]
         self._free_tail(layer, rows, new_lens)
         return new_lens
 
@@ -223,9 +259,8 @@ class PagedKVStore:
         last = self.lens[layer, rows] - 1
         src_pages, src_off = self._locate(layer, rows, last)
         dst_pages, dst_off = self._locate(layer, rows, victims)
-        self.kv[dst_pages, :, dst_off] = self.kv[src_pages, :, src_off]
-        self.pos[dst_pages, dst_off] = self.pos[src_pages, src_off]
-        self.mass[dst_pages, dst_off] = self.mass[src_pages, src_off]
+        for part in self.parts.values():
+            part[dst_pages, dst_off] = part[src_pages, src_off]
         self._free_tail(layer, rows, last)
 
     # -- statistics --------------------------------------------------------

@@ -36,7 +36,14 @@ def build_policy(name: str, **kwargs: Any) -> Policy:
 
 def _load_builtin() -> None:
     # Imported lazily so that `register` exists before the method files use it.
-    from vllm_kvcompress.policies import h2o, pyramidkv, snapkv, streamingllm  # noqa: F401
+    from vllm_kvcompress.policies import (  # noqa: F401
+        adakv,
+        h2o,
+        leankv,
+        pyramidkv,
+        snapkv,
+        streamingllm,
+    )
 
 
 __all__ = ["LayerInputs", "Policy", "build_policy", "policy_names", "register", "resolve_budget"]

@@ -73,6 +73,12 @@ class Policy(ABC):
     needs_attention_mass: ClassVar[bool] = False
     # Keep every layer at its budget during decode too, evicting as tokens arrive.
     decode_capped: ClassVar[bool] = False
+    # True: ``select`` keeps exactly ``min(layer_budget, T)`` tokens in every KV
+    # head. False (per-head budgets, e.g. Ada-KV, LeanKV): heads may keep
+    # different numbers of tokens, but the layer's total over its H KV heads
+    # never exceeds ``H * layer_budget`` and no head keeps more than
+    # ``min(T, H * layer_budget)``. Memory accounting relies on these bounds.
+    uniform_heads: ClassVar[bool] = True
 
     budget: float | int = 0.25
     window: int = 32  # observation window: last prompt tokens whose queries vote
@@ -94,7 +100,8 @@ class Policy(ABC):
 
         Every value is in [1, num_tokens]. The default is uniform; the
         scheduler reserves pages from these numbers, so they must be an upper
-        bound of what :meth:`select` keeps per head.
+        bound of what :meth:`select` keeps per head (of the average over the
+        layer's heads when ``uniform_heads`` is False).
         """
         return [resolve_budget(self.budget, num_tokens)] * num_layers
 
@@ -104,7 +111,11 @@ class Policy(ABC):
         """[H, T] importance of each prompt token per KV head (higher is kept)."""
 
     def select(self, inputs: LayerInputs, budget: int) -> torch.Tensor:
-        """[H, T] bool keep-mask with exactly ``min(budget, T)`` kept per head."""
+        """[H, T] bool keep-mask with exactly ``min(budget, T)`` kept per head.
+
+        Policies with ``uniform_heads = False`` keep per-head counts that only
+        obey the bounds documented at ``uniform_heads``.
+        """
         return topk_mask(self.score(inputs), budget)
 
     # -- decode ------------------------------------------------------------

@@ -73,3 +73,24 @@ def reduce_gqa(scores: torch.Tensor, num_kv_heads: int, how: str = "sum") -> tor
     if how == "max":
         return grouped.amax(dim=1)
     raise ValueError(f"how must be one of {', '.join(GQA_REDUCTIONS)}, got {how!r}")
+
+
+def window_votes(inputs, kernel_size: int, pooling: str) -> torch.Tensor:
+    """[H, T] SnapKV's vote: window attention, prefix pooled, summed per GQA group.
+
+    Only the prefix is pooled, as in the reference: the window is kept anyway,
+    and its keys' self-attention would inflate their neighbours. Unprotected.
+    """
+    observed = inputs.window_queries.shape[1]
+    attn = window_attention(inputs.keys, inputs.window_queries, inputs.scale)
+    prefix = attn.shape[-1] - observed
+    attn[:, :prefix] = pool_scores(attn[:, :prefix], kernel_size, pooling)
+    return reduce_gqa(attn, inputs.keys.shape[0], "sum")
+
+
+def window_mass(inputs, kernel_size: int, pooling: str) -> torch.Tensor:
+    """:func:`window_votes` as attention mass: every query head's votes sum to 1.
+
+    Per-head budgets compare and threshold these (Ada-KV, LeanKV).
+    """
+    return window_votes(inputs, kernel_size, pooling) / inputs.window_queries.shape[1]

@@ -9,7 +9,7 @@ import torch
 
 from vllm_kvcompress.policies import register
 from vllm_kvcompress.policies.base import LayerInputs, Policy, protect
-from vllm_kvcompress.policies.scoring import POOLINGS, pool_scores, reduce_gqa, window_attention
+from vllm_kvcompress.policies.scoring import POOLINGS, window_votes
 
 
 @register
@@ -40,11 +40,5 @@ class SnapKV(Policy):
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         # Short prompts come with fewer than `window` queries.
-        observed = inputs.window_queries.shape[1]
-        attn = window_attention(inputs.keys, inputs.window_queries, inputs.scale)
-        # Pool the prefix alone, as the reference does: the window is kept
-        # anyway, and its keys' self-attention would inflate their neighbours.
-        prefix = attn.shape[-1] - observed
-        attn[:, :prefix] = pool_scores(attn[:, :prefix], self.kernel_size, self.pooling)
-        scores = reduce_gqa(attn, inputs.keys.shape[0], "sum")
-        return protect(scores, self.sink_tokens, observed)
+        votes = window_votes(inputs, self.kernel_size, self.pooling)
+        return protect(votes, self.sink_tokens, inputs.window_queries.shape[1])

@@ -22,11 +22,12 @@ from vllm_kvcompress.config import (
     load_preset,
     parse_budget,
 )
+from vllm_kvcompress.paging.formats import FORMAT_NAMES
 from vllm_kvcompress.policies import policy_names
 
 GROUP_TITLE = "KVCompress"
 _FLAGS = {"kv_policy": "policy", "kv_budget": "budget", "kv_window": "window",
-          "kv_page_size": "page_size"}
+          "kv_quant": "quant", "kv_page_size": "page_size"}
 
 # On CPU, vLLM reserves 92% of a NUMA node for KV unless told otherwise and
 # refuses to start when that much is not free.
@@ -78,6 +79,9 @@ def add_cli_args(parser):
                             "or a token count >= 16.")
     group.add_argument("--kv-window", type=_positive_int, default=None,
                        help="Observation window: the last prompt tokens whose queries vote.")
+    group.add_argument("--kv-quant", choices=FORMAT_NAMES, default=None,
+                       help="Page format: keys and values quantized separately, per token "
+                            "(default none; leankv defaults to k8v4).")
     group.add_argument("--kv-page-size", type=_positive_int, default=None,
                        help="Tokens per page of one (layer, KV head); a power of two.")
     group.add_argument("--kv-config", type=_preset_arg, default=None, metavar="PATH",
@@ -112,7 +116,9 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
     logger = init_logger("vllm.kvcompress")
     engine_args.additional_config = with_config(engine_args.additional_config, config)
     if engine_args.speculative_config:
-        raise ValueError(f"--kv-policy {config.policy}: speculative decoding is not supported")
+        raise ValueError("kvcompress: speculative decoding is not supported")
+    if engine_args.kv_cache_dtype not in (None, "auto"):
+        raise ValueError("kvcompress: use --kv-quant instead of --kv-cache-dtype")
     if engine_args.enable_prefix_caching is not False:
         logger.info("kvcompress: prefix caching is off: compressed pages are per request and "
                     "cannot be shared by prefix")

@@ -9,7 +9,7 @@ builders and implementations once the store exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -24,7 +24,6 @@ from vllm.v1.attention.backend import (
 
 from vllm_kvcompress.kernels.paged_attention import chunk_attention
 from vllm_kvcompress.paging.step import StepPlan
-from vllm_kvcompress.paging.store import SLOT_METADATA_BYTES
 
 
 class KVCompressAttentionBackend(AttentionBackend):
@@ -57,14 +56,6 @@ class KVCompressAttentionBackend(AttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
-
-    @classmethod
-    def customize_spec(cls, spec):
-        # Each slot also stores its position and attention mass: make vLLM
-        # size the pool (and count blocks) with those bytes included.
-        element = torch.empty((), dtype=spec.dtype).element_size()
-        slot_bytes = 2 * spec.head_size * element + SLOT_METADATA_BYTES
-        return replace(spec, page_size_padded=spec.block_size * spec.num_kv_heads * slot_bytes)
 
 
 @dataclass

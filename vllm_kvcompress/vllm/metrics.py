@@ -33,6 +33,9 @@ class WorkerStats:
     tokens_logical: float = 0.0  # now: tokens the same requests hold uncompressed
     pages_used: int = 0
     pages_total: int = 0
+    # Per-head policies: exact prompt tokens kept per [layer][head] of requests
+    # compressed in this step; the scheduler's accounting adopts them.
+    kept_rows: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +51,7 @@ class SchedulerMetrics:
     def add_worker_stats(self, stats: dict | None) -> None:
         if not stats:
             return
-        update = WorkerStats(**stats)
+        update = WorkerStats(**{k: v for k, v in stats.items() if k != "kept_rows"})
         self.pending.prompt_tokens += update.prompt_tokens
         self.pending.evicted_tokens += update.evicted_tokens
         for name in ("tokens_held", "tokens_logical", "pages_used", "pages_total"):

@@ -104,6 +104,12 @@ class CompressedKVCacheManager(KVCacheManager):
             for i, block in zip(holes, self.block_pool.get_new_blocks(len(holes))):
                 blocks[i] = block
 
+    def adopt_kept_rows(self, reports: dict) -> None:
+        """Replace bounds by the worker's exact per-head counts (per-head policies)."""
+        for req_id, rows in reports.items():
+            if req_id in self._plans:
+                self._plans[req_id] = self._plans[req_id].with_rows(rows)
+
     def free(self, request) -> None:
         self._plans.pop(request.request_id, None)
         super().free(request)
@@ -119,7 +125,10 @@ class _KVCompressSchedulerMixin:
         self.kvcompress_metrics = SchedulerMetrics(config.policy)
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        self.kvcompress_metrics.add_worker_stats(getattr(model_runner_output, STATS_KEY, None))
+        stats = getattr(model_runner_output, STATS_KEY, None)
+        if stats:
+            self.kv_cache_manager.adopt_kept_rows(stats.get("kept_rows", {}))
+        self.kvcompress_metrics.add_worker_stats(stats)
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def make_stats(self, *args, **kwargs):

@@ -14,13 +14,15 @@ gives its model runner four small overrides (:class:`KVCompressRunnerMixin`):
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from vllm.logger import init_logger
 
-from vllm_kvcompress.compressor import KVCompressor
+from vllm_kvcompress.compressor import KVCompressor, metadata_for
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.paging.step import StepRequest
+from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 from vllm_kvcompress.vllm.metrics import STATS_KEY, WorkerStats
 
@@ -43,11 +45,37 @@ class KVCompressRunnerMixin:
 
     kvcompress: KVCompressor | None
 
+    def _kvcompress_config(self) -> KVCompressConfig:
+        return KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
+
+    def _store_shape(self, spec, num_layers: int) -> StoreShape:
+        config = self._kvcompress_config()
+        policy = config.build_policy()
+        return StoreShape(
+            num_layers=num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_size,
+            page_size=config.page_size,
+            dtype=spec.dtype,
+            format=page_format(config.page_format),
+            metadata=metadata_for(policy),
+        )
+
+    def get_kv_cache_spec(self):
+        # vLLM sizes its blocks from the spec's page bytes: make them the bytes our
+        # slots really cost (quantized codes, scales, metadata), so a given KV space
+        # holds as many blocks as our pages can back.
+        specs = super().get_kv_cache_spec()
+        return {
+            name: replace(spec, state_content_bytes=self._store_shape(spec, 1).slot_bytes)
+            for name, spec in specs.items()
+        }
+
     def initialize_kv_cache_tensors(self, kv_cache_config, kernel_block_sizes,
                                     kv_cache_allocation_context=None):
         from vllm.v1.worker.utils import bind_kv_cache
 
-        config = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
+        config = self._kvcompress_config()
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError("kvcompress supports models whose layers share one KV cache group")
@@ -56,13 +84,7 @@ class KVCompressRunnerMixin:
         parallel = self.vllm_config.parallel_config
         if parallel.pipeline_parallel_size != 1:
             raise ValueError("kvcompress does not support pipeline parallelism yet")
-        shape = StoreShape(
-            num_layers=len(groups[0].layer_names),
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_size,
-            page_size=config.page_size,
-            dtype=spec.dtype,
-        )
+        shape = self._store_shape(spec, len(groups[0].layer_names))
         total_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
         store = PagedKVStore(
             shape,
@@ -74,9 +96,10 @@ class KVCompressRunnerMixin:
         self.kvcompress = KVCompressor(
             store, config.build_policy(), model.get_num_attention_heads(parallel)
         )
-        logger.info("kvcompress: %s, %d pages of %d tokens (%.2f GiB) for %d layers x %d KV heads",
-                    config.policy, store.pool.num_pages, shape.page_size, total_bytes / (1 << 30),
-                    shape.num_layers, shape.num_kv_heads)
+        logger.info("kvcompress: policy %s, %s pages, %d pages of %d tokens (%d bytes a token-head, "
+                    "%.2f GiB) for %d layers x %d KV heads", config.policy, config.page_format,
+                    store.pool.num_pages, shape.page_size, shape.slot_bytes,
+                    total_bytes / (1 << 30), shape.num_layers, shape.num_kv_heads)
         # All KV lives in the store; layers keep an empty tensor where vLLM expects one.
         kv_caches = {
             name: torch.empty(0, dtype=spec.dtype, device=self.device)
@@ -137,6 +160,7 @@ class KVCompressRunnerMixin:
         store = compressor.store
         per_token = store.shape.num_layers * store.shape.num_kv_heads
         stats = compressor.stats
+        kept_rows = compressor.take_kept_rows()
         result = WorkerStats(
             prompt_tokens=stats.prompt_tokens / per_token,
             evicted_tokens=stats.evicted_tokens / per_token,
@@ -144,6 +168,9 @@ class KVCompressRunnerMixin:
             tokens_logical=float(compressor.logical_tokens()),
             pages_used=store.pool.num_used,
             pages_total=store.pool.num_pages,
+            # Only one rank's output reaches the scheduler; with several ranks the
+            # scheduler keeps its bound, which covers every rank.
+            kept_rows=kept_rows if self.vllm_config.parallel_config.tensor_parallel_size == 1 else {},
         )
         stats.prompt_tokens = stats.evicted_tokens = 0
         return result
