@@ -35,3 +35,18 @@ def test_policy_installs_scheduler_worker_and_turns_prefix_caching_off(default_m
 def test_bad_offline_option_fails_before_the_engine_starts(default_model):
     with pytest.raises(ValueError, match="budget"):
         make_config(default_model, policy="snapkv", budget=7)
+
+
+def test_quantization_alone_switches_the_plugin_on(default_model):
+    config = make_config(default_model, quant="k8v4")
+    assert "vllm_kvcompress" in config.parallel_config.worker_cls
+    assert config.additional_config["kvcompress"]["quant"] == "k8v4"
+
+
+def test_vllm_kv_cache_dtype_is_refused_with_compression(default_model):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=default_model, kv_cache_dtype="fp8", kv_cache_memory_bytes=10**8,
+                      additional_config={"kvcompress": {"policy": "snapkv", "budget": 0.25}})
+    with pytest.raises(ValueError, match="--kv-quant"):
+        args.create_engine_config()

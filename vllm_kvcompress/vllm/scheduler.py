@@ -64,8 +64,9 @@ class CompressedKVCacheManager(KVCacheManager):
     def allocate_slots(self, request, num_new_tokens, num_new_computed_tokens=0,
                        new_computed_blocks=None, num_lookahead_tokens=0, *args, **kwargs):
         computed = request.num_computed_tokens
-        if computed < request.num_prompt_tokens or num_new_tokens == 0:
-            # Prefill holds the full prompt; vLLM's logical accounting is exact.
+        if self.policy is None or computed < request.num_prompt_tokens or num_new_tokens == 0:
+            # Nothing evicted (quantization only) or prefill holding the full prompt:
+            # vLLM's logical accounting is exact.
             return super().allocate_slots(
                 request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
                 num_lookahead_tokens, *args, **kwargs,
