@@ -55,3 +55,26 @@ def passkey(tokenizer, context_tokens: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9), se
 
 def score(sample: Sample, output: str) -> bool:
     return sample.answer in output
+
+
+_NAMES = "Ada Bruno Chen Dara Emil Farah Goran Hana Ivo Jun Kemal Lina Marco Nia Omar Priya".split()
+_CITIES = "Lisbon Oslo Kyoto Quito Accra Perth Tallinn Lima Hanoi Porto Dakar Bergen".split()
+_JOBS = "baker pilot nurse welder chemist farmer judge sailor tailor miner".split()
+
+
+def documents(tokenizer, context_tokens: int, count: int, seed: int = 0) -> list[Sample]:
+    """Long synthetic records followed by a request to summarise them (open-ended output)."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(count):
+        lines = []
+        while True:
+            name, city, job = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_JOBS)
+            lines.append(f"In {rng.randint(1950, 2020)}, {name}, a {job} from {city}, "
+                         f"moved {rng.randint(2, 900)} km and raised {rng.randint(1, 9)} children.")
+            text = " ".join(lines)
+            if tokenizer is None or len(tokenizer.encode(text)) >= context_tokens:
+                break
+        user = f"Records:\n{text}\n\nWrite a detailed summary of these records."
+        samples.append(Sample("document", _chat(tokenizer, user, ""), "", 1.0, context_tokens))
+    return samples

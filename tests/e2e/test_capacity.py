@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks.load import run_load
-from tests.e2e.server import vllm_server
+from benchmarks.server import vllm_server
 
 pytestmark = pytest.mark.e2e
 

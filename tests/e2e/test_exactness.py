@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.server import metric, vllm_server
+from benchmarks.server import metric, vllm_server
 from tests.e2e.test_drain import random_prompt
 
 pytestmark = pytest.mark.e2e

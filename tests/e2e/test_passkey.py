@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from benchmarks.tasks import passkey, score
-from tests.e2e.server import vllm_server
+from benchmarks.server import vllm_server
 
 pytestmark = pytest.mark.e2e
 

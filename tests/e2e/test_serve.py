@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.server import metric, vllm_server
+from benchmarks.server import metric, vllm_server
 
 pytestmark = pytest.mark.e2e
 openai = pytest.importorskip("openai")

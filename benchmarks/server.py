@@ -1,4 +1,4 @@
-"""Start a real ``vllm serve`` on loopback for end-to-end tests and benchmarks."""
+"""Start a real ``vllm serve`` on loopback, for benchmarks and end-to-end tests."""
 
 from __future__ import annotations
 
@@ -83,4 +83,18 @@ def metric(url: str, name: str, **labels: str) -> float | None:
             continue
         if all(f'{k}="{v}"' in series for k, v in labels.items()):
             return float(value)
+    return None
+
+
+def kv_capacity_tokens(url: str) -> int | None:
+    """Tokens the KV pool holds, from vLLM's ``cache_config_info`` (blocks x block size)."""
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            blocks = re.search(r'num_gpu_blocks="(\d+)"', line)
+            size = re.search(r'block_size="(\d+)"', line)
+            if blocks and size:
+                return int(blocks.group(1)) * int(size.group(1))
     return None

@@ -1,0 +1,87 @@
+"""Regenerate README's results section from results/*.json (no hand-typed numbers).
+
+    python -m benchmarks.report
+
+Rewrites the text between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
+Every table names the command that produced it; a benchmark not run yet is
+listed as such.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+RESULTS = Path("results")
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def memory_section(data: dict) -> list[str]:
+    lines = [
+        "### Bytes per stored token",
+        "",
+        f"`python -m benchmarks.memory` (head_dim {data['head_dim']}, {data['layers']} layers x "
+        f"{data['kv_heads']} KV heads; scales and slot metadata included)",
+        "",
+        "| format | policy | bytes / token-head | vs bf16 cache | vs fp32 cache |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in data["rows"]:
+        if r["policy"] in ("none", "h2o"):
+            lines.append(f"| {r['format']} | {r['policy']} | {r['token_head_bytes_bf16']} | "
+                         f"{r['vs_bf16']:.3f} | {r['vs_fp32']:.3f} |")
+    return lines
+
+
+def fidelity_section(data: dict) -> list[str]:
+    lines = [
+        "### Fidelity to the full cache",
+        "",
+        f"`python -m benchmarks.fidelity` ({data['prompts']} prompts of ~{data['context_tokens']} "
+        f"tokens, {data['tokens']} greedy tokens each, against plain vLLM in the same run)",
+        "",
+        f"| configuration | KV tokens in {data['kv_bytes'] / 1e6:.0f} MB | tokens equal to plain vLLM "
+        "| tokens before first difference | KL (top-20 est.) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in data["configs"].items():
+        if "error" in r:
+            lines.append(f"| {name} | cannot run on this machine: {r['error']} | | | |")
+        else:
+            lines.append(f"| {name} | {r['kv_tokens']} | {100 * r['agreement']:.1f}% | "
+                         f"{r['prefix_tokens']:.0f} | {r['kl']:.4f} |")
+    lines += ["", "![fidelity](results/fidelity.png)"]
+    return lines
+
+
+SECTIONS = {"memory": memory_section, "fidelity": fidelity_section}
+
+
+def render() -> str:
+    lines: list[str] = []
+    for name, section in SECTIONS.items():
+        data = _load(name)
+        if data is None:
+            lines += [f"### {name}", "", f"Not run yet: `python -m benchmarks.{name}`."]
+        else:
+            lines += section(data)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    readme = Path("README.md")
+    text = readme.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{render()}\n{END}{tail}")
+    print("README.md results section regenerated")
+
+
+if __name__ == "__main__":
+    main()
