@@ -41,6 +41,7 @@ class CompressionStats:
 
     prompt_tokens: int = 0  # prompt token-heads that went through a policy
     evicted_tokens: int = 0  # token-heads dropped at prefill end or during decode
+    reused_selections: int = 0  # layers that took an earlier layer's keep-mask unscored
 
 
 class KVCompressor:
@@ -54,6 +55,7 @@ class KVCompressor:
         self.stats = CompressionStats()
         self._plans: dict[int, LayerPlan | None] = {}
         self._windows: dict[int, list[torch.Tensor | None]] = {}
+        self._selections: dict[int, dict[int, torch.Tensor]] = {}  # slot -> source layer -> mask
         self._logical: dict[int, int] = {}  # slot -> tokens the request holds uncompressed
         # Per-head policies: prompt tokens kept per [layer][head], for the scheduler.
         self._kept_rows: dict[str, np.ndarray] = {}
@@ -67,6 +69,7 @@ class KVCompressor:
             self.store.close(req_id)
             self._plans.pop(slot, None)
             self._windows.pop(slot, None)
+            self._selections.pop(slot, None)
             self._logical.pop(slot, None)
 
     def begin_step(self, requests: list[StepRequest]) -> StepPlan:
@@ -202,20 +205,36 @@ class KVCompressor:
             if budget >= prompt_len:
                 self._report(req, layer, np.full(len(rows), prompt_len))
                 continue
+            keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool)
+            keep[:, :prompt_len] = self._select(slot, layer, rows, prompt_len, budget, window, scale)
+            new_lens = self.store.compact(layer, rows, keep)
+            self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
+            self._report(req, layer, new_lens - (req.total_after - prompt_len))
+
+    def _select(self, slot, layer, rows, prompt_len, budget, window, scale) -> torch.Tensor:
+        """[H, prompt_len] keep-mask of one layer: scored, or reused from its source layer."""
+        policy = self.policy
+        shared = self._selections.setdefault(slot, {})
+        source = policy.selection_source(layer)
+        if source != layer and source in shared:
+            self.stats.reused_selections += 1
+            keep = shared[source]
+        else:
             keys, values = self.store.gather(layer, rows)
             mass = None
-            if self.policy.needs_attention_mass:
+            if policy.needs_attention_mass:
                 mass = self.store.gather_slot_metadata(layer, rows, "mass")[:, :prompt_len]
             inputs = LayerInputs(
                 keys=keys[:, :prompt_len], values=values[:, :prompt_len],
                 window_queries=window, layer=layer, num_layers=self.num_layers, scale=scale,
                 attention_mass=mass,
             )
-            keep = torch.ones(len(rows), keys.shape[1], dtype=torch.bool)
-            keep[:, :prompt_len] = self.policy.select(inputs, budget)
-            new_lens = self.store.compact(layer, rows, keep)
-            self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
-            self._report(req, layer, new_lens - (req.total_after - prompt_len))
+            keep = policy.select(inputs, budget)
+            if layer + 1 < self.num_layers and policy.selection_source(layer + 1) == layer:
+                shared[layer] = keep
+        if layer == self.num_layers - 1:
+            self._selections.pop(slot, None)
+        return keep
 
     def _report(self, req: StepRequest, layer: int, kept: np.ndarray) -> None:
         if not self.policy.uniform_heads:

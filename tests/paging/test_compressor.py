@@ -148,3 +148,28 @@ def test_pages_stay_within_the_reservation_and_all_return(name, fmt, monkeypatch
     assert comp.stats.evicted_tokens > 0
     assert comp.store.pool.num_used == 0
     assert comp.store.tokens_held() == 0
+
+
+@pytest.mark.parametrize("reuse", [1, 2])
+def test_chunkkv_layers_of_a_group_keep_the_same_tokens(reuse):
+    """Index reuse: layer 1 keeps layer 0's token indices unscored; without reuse it scores its own."""
+    policy = build_policy("chunkkv", budget=0.25, window=4, sink_tokens=2, chunk_size=5,
+                          reuse_layers=reuse)
+    comp = make(policy, page_size=4)
+    seq = Sequence("r0", 120, 121, torch.Generator().manual_seed(0))
+    comp.begin_step([StepRequest("r0", 0, 120, 120)])
+    for layer in range(LAYERS):
+        comp.forward_layer(layer, seq.q[layer, :120], seq.k[layer, :120], seq.v[layer, :120],
+                           DIM ** -0.5)
+    comp.end_step()
+    rows = comp.store.rows(comp.store.slot_of("r0"))
+    kept = []
+    for layer in range(LAYERS):
+        keys, _ = comp.store.gather(layer, rows)
+        length = int(comp.store.lens[layer, rows][0])
+        # Which prompt positions survived: match stored keys with the originals.
+        match = torch.cdist(keys[0, :length], seq.k[layer, :120, 0]).argmin(dim=1)
+        kept.append(match.tolist())
+    assert len(kept[0]) == 30
+    assert (kept[0] == kept[1]) == (reuse == 2)
+    assert comp.stats.reused_selections == (1 if reuse == 2 else 0)

@@ -10,6 +10,7 @@ from typing import Any
 
 from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.chunkkv import ChunkKV
 from vllm_kvcompress.policies.h2o import H2O
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
@@ -31,6 +32,9 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (AdaKV, {}),
     (AdaKV, {"floor_ratio": 0.0, "kernel_size": 1, "window": 8}),
     (AdaKV, {"floor_ratio": 1.0, "pooling": "avg", "kernel_size": 5, "budget": 0.5}),
+    (ChunkKV, {}),
+    (ChunkKV, {"chunk_size": 1, "reuse_layers": 3, "window": 8}),
+    (ChunkKV, {"chunk_size": 32, "reuse_layers": 2, "budget": 0.5, "sink_tokens": 0}),
     (LeanKV, {}),
     (LeanKV, {"mass_threshold": 0.5, "min_ratio": 0.0, "window": 8, "sink_tokens": 0}),
     (LeanKV, {"mass_threshold": 1.0, "min_ratio": 1.0, "budget": 64}),

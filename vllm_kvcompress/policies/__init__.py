@@ -38,6 +38,7 @@ def _load_builtin() -> None:
     # Imported lazily so that `register` exists before the method files use it.
     from vllm_kvcompress.policies import (  # noqa: F401
         adakv,
+        chunkkv,
         h2o,
         leankv,
         pyramidkv,

@@ -118,6 +118,15 @@ class Policy(ABC):
         """
         return topk_mask(self.score(inputs), budget)
 
+    def selection_source(self, layer: int) -> int:
+        """Layer whose keep-mask ``layer`` reuses instead of scoring its own.
+
+        The compressor scores the source layer and applies the same token
+        indices here (ChunkKV's layer-wise index reuse); a source is always
+        an earlier or the same layer with the same budget.
+        """
+        return layer
+
     # -- decode ------------------------------------------------------------
     def slot_scores(
         self,
