@@ -40,7 +40,8 @@ def test_flags_override_preset():
 @pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_presets_load(preset):
     config = KVCompressConfig.from_sources(preset)
-    assert config.enabled and config.build_policy().name == config.policy
+    built = config.build_policy() or config.build_selector()  # quest evicts nothing
+    assert config.enabled and built.name == config.policy
 
 
 def test_round_trip_through_additional_config():
@@ -68,3 +69,24 @@ def test_malformed_preset_names_file_line_and_reason(tmp_path, text, line, reaso
         load_preset(path)
     assert f"{path}:{line}:" in str(err.value)
     assert reason in str(err.value)
+
+
+def test_quest_alone_reads_its_budget_and_evicts_nothing():
+    config = KVCompressConfig(policy="quest", budget=0.25)
+    assert config.enabled and config.build_policy() is None
+    assert config.build_selector().budget == 0.25 and config.quest_budget == 0.25
+
+
+def test_decode_budget_composes_quest_with_eviction():
+    config = KVCompressConfig(policy="snapkv", budget=0.25, decode_budget=128)
+    assert config.build_policy().name == "snapkv" and config.build_selector().budget == 128
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"policy": "h2o", "decode_budget": 64}, "h2o accumulates attention"),
+    ({"policy": "quest", "decode_budget": 64}, "already what decode reads"),
+    ({"policy": "snapkv", "decode_budget": 3}, "token count >= 16"),
+])
+def test_decode_budget_rejections_say_why(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KVCompressConfig(**kwargs)

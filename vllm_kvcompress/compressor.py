@@ -25,6 +25,7 @@ from vllm_kvcompress.paging.accounting import LayerPlan, plan_layers
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy
+from vllm_kvcompress.policies.quest import Quest, page_bounds, select_pages
 
 
 def metadata_for(policy: Policy | None) -> tuple[str, ...]:
@@ -42,12 +43,20 @@ class CompressionStats:
     prompt_tokens: int = 0  # prompt token-heads that went through a policy
     evicted_tokens: int = 0  # token-heads dropped at prefill end or during decode
     reused_selections: int = 0  # layers that took an earlier layer's keep-mask unscored
+    decode_tokens_held: int = 0  # token-heads decode attention could read...
+    decode_tokens_read: int = 0  # ...and those it read (fewer with Quest)
 
 
 class KVCompressor:
-    def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int) -> None:
+    def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int,
+                 selector: Quest | None = None) -> None:
+        if selector is not None and (store.key_bounds is None or
+                                     (policy is not None and policy.needs_attention_mass)):
+            raise ValueError("Quest needs a store with key bounds and a policy that does not "
+                             "accumulate attention mass")
         self.store = store
         self.policy = policy
+        self.selector = selector  # Quest: which pages each decode step reads
         self.num_layers = store.shape.num_layers
         self.num_kv_heads = store.shape.num_kv_heads
         self.num_q_heads = num_q_heads
@@ -144,16 +153,49 @@ class KVCompressor:
 
     def _attend_decode(self, layer, step, query, scale, need_mass, out) -> None:
         rows = step.slots[step.decode, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
+        batch, heads = len(step.decode), self.num_kv_heads
+        lens = torch.from_numpy(self.store.lens[layer, rows])
+        held = int(lens.sum())
+        self.stats.decode_tokens_held += held
+        if self.selector is not None:
+            read = self._attend_selected(layer, rows.reshape(-1), query[step.decode_tokens],
+                                         lens.flatten(), scale)
+            if read is not None:
+                out[step.decode_tokens], tokens_read = read
+                self.stats.decode_tokens_read += tokens_read
+                return
+        self.stats.decode_tokens_read += held
         keys, values = self.store.gather(layer, rows.reshape(-1))
-        batch = len(step.decode)
         result, mass = decode_attention(
-            query[step.decode_tokens], keys.view(batch, self.num_kv_heads, *keys.shape[1:]),
-            values.view(batch, self.num_kv_heads, *values.shape[1:]),
-            torch.from_numpy(self.store.lens[layer, rows]), scale, need_mass,
+            query[step.decode_tokens], keys.view(batch, heads, *keys.shape[1:]),
+            values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
         )
         out[step.decode_tokens] = result
         if mass is not None:
             self.store.add_mass(layer, rows.reshape(-1), mass.flatten(0, 1))
+
+    def _attend_selected(self, layer, rows, query, lens, scale):
+        """Quest: attend over each row's top pages only; ``None`` when every page is read."""
+        size = self.store.shape.page_size
+        held = -(-lens // size)
+        read = self.selector.pages_to_read(lens, size)
+        if bool((read >= held).all()):
+            return None
+        batch, num_q_heads, head_dim = query.shape
+        heads = self.num_kv_heads
+        pages, bounds = self.store.page_key_bounds(layer, rows)
+        grouped = query.reshape(batch * heads, num_q_heads // heads, head_dim)
+        chosen, reading = select_pages(page_bounds(grouped, bounds[:, :, 0], bounds[:, :, 1]),
+                                       held, read)
+        keys, values = self.store.gather_pages(pages.gather(1, chosen))
+        slot = chosen.unsqueeze(-1) * size + torch.arange(size)  # [R, K, P] index in the row
+        visible = (reading.unsqueeze(-1) & (slot < lens.view(-1, 1, 1))).flatten(1)
+        result, _ = decode_attention(
+            query, keys.view(batch, heads, *keys.shape[1:]),
+            values.view(batch, heads, *values.shape[1:]), None, scale,
+            visible=visible.view(batch, heads, -1),
+        )
+        return result, int(visible.sum())
 
     def _attend_chunk(self, layer, step, i, query, key, value, scale, need_mass, out) -> None:
         req, start, end = step.requests[i], int(step.starts[i]), int(step.starts[i + 1])

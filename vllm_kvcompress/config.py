@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_kvcompress.paging.formats import FORMAT_NAMES
 from vllm_kvcompress.policies import Policy, build_policy, policy_names
+from vllm_kvcompress.policies.quest import Quest
 
 ADDITIONAL_CONFIG_KEY = "kvcompress"
 
@@ -49,6 +50,9 @@ class KVCompressConfig(BaseModel):
         None, description="page format: none, k8v8, k8v4, k4v4 (default: none; leankv: k8v4)"
     )
     page_size: int = Field(16, ge=1, description="tokens per page of one (layer, KV head)")
+    decode_budget: float | int | None = Field(
+        None, description="Quest page selection at decode: tokens (or fraction) each step reads"
+    )
     policy_args: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
 
     @field_validator("policy")
@@ -70,6 +74,21 @@ class KVCompressConfig(BaseModel):
     def _budget(cls, value: Any) -> float | int:
         return parse_budget(value)
 
+    @field_validator("decode_budget", mode="before")
+    @classmethod
+    def _decode_budget(cls, value: Any) -> float | int | None:
+        return None if value is None else parse_budget(value)
+
+    @model_validator(mode="after")
+    def _quest_composes(self) -> KVCompressConfig:
+        if self.decode_budget is not None and self.policy == "quest":
+            raise ValueError("decode_budget composes Quest with an eviction policy; with "
+                             "policy quest, budget is already what decode reads")
+        if self.quest_budget is not None and self.policy == "h2o":
+            raise ValueError("h2o accumulates attention over every cached token, so it cannot "
+                             "read only Quest's pages; choose another policy or drop decode_budget")
+        return self
+
     @field_validator("page_size")
     @classmethod
     def _page_size(cls, value: int) -> int:
@@ -85,23 +104,40 @@ class KVCompressConfig(BaseModel):
         return "k8v4" if self.policy == "leankv" else "none"
 
     @property
+    def quest_budget(self) -> float | int | None:
+        """What each decode step reads under Quest (``policy: quest`` or ``decode_budget``)."""
+        return self.budget if self.policy == "quest" else self.decode_budget
+
+    @property
     def enabled(self) -> bool:
         """Whether the plugin takes over the KV cache (any policy or quantization)."""
-        return self.policy != "none" or self.page_format != "none"
+        return self.policy != "none" or self.page_format != "none" or self.decode_budget is not None
 
     def build_policy(self) -> Policy | None:
-        """The policy object, or ``None`` when nothing is evicted."""
-        if self.policy == "none":
+        """The eviction policy, or ``None`` when nothing is evicted."""
+        if self.policy in ("none", "quest"):
             return None
+        return self._build(self.policy)
+
+    def build_selector(self) -> Quest | None:
+        """Quest's decode-time page selection, or ``None``."""
+        if self.quest_budget is None:
+            return None
+        args = self.policy_args if self.policy == "quest" else {}
+        return Quest(budget=self.quest_budget, window=self.window, sink_tokens=self.sink_tokens,
+                     **args)
+
+    def _build(self, name: str) -> Policy:
         return build_policy(
-            self.policy, budget=self.budget, window=self.window, sink_tokens=self.sink_tokens,
+            name, budget=self.budget, window=self.window, sink_tokens=self.sink_tokens,
             **self.policy_args,
         )
 
     def validate_policy(self) -> None:
         """Fail now, not in a worker, on hyperparameters the policy rejects."""
         try:
-            self.build_policy()
+            if self.policy != "none":
+                self._build(self.policy)
         except TypeError as exc:  # unknown keyword in policy_args
             raise ValueError(f"policy_args for {self.policy!r}: {exc}") from exc
 

@@ -12,6 +12,7 @@ from vllm_kvcompress.paging.accounting import request_pages_bound, plan_layers
 from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 from vllm_kvcompress.policies import build_policy, policy_names
+from vllm_kvcompress.policies.quest import Quest
 
 LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
 
@@ -113,7 +114,7 @@ def held_pages(comp: KVCompressor, slot: int, page_size: int) -> int:
     return sum(int(np.ceil(comp.store.lens[l, rows] / page_size).sum()) for l in range(LAYERS))
 
 
-POLICIES = [name for name in policy_names() if name != "none"]
+POLICIES = [name for name in policy_names() if name != "none" and build_policy(name).evicts]
 
 
 @pytest.mark.parametrize("fmt", ["none", "k8v4"])
@@ -173,3 +174,102 @@ def test_chunkkv_layers_of_a_group_keep_the_same_tokens(reuse):
     assert len(kept[0]) == 30
     assert (kept[0] == kept[1]) == (reuse == 2)
     assert comp.stats.reused_selections == (1 if reuse == 2 else 0)
+
+
+def make_quest(budget, policy=None, page_size=4, fmt="none"):
+    shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
+                       metadata_for(policy), key_bounds=True)
+    store = PagedKVStore(shape, 4096, 8, 512)
+    return KVCompressor(store, policy, KV_HEADS * GROUP, selector=Quest(budget=budget))
+
+
+def naive_quest(seq: Sequence, layer: int, t: int, page_size: int, read: int, scale: float):
+    """Decode output of token t reading only Quest's pages of each KV head (nothing evicted)."""
+    out = torch.empty(KV_HEADS * GROUP, DIM, dtype=torch.float64)
+    pages = [range(s, min(s + page_size, t + 1)) for s in range(0, t + 1, page_size)]
+    for h in range(KV_HEADS):
+        keys, values = seq.k[layer, : t + 1, h], seq.v[layer, : t + 1, h]
+        queries = seq.q[layer, t, h * GROUP:(h + 1) * GROUP]
+        bounds = []
+        for page in pages:
+            lo, hi = keys[list(page)].amin(0), keys[list(page)].amax(0)
+            bounds.append(max(float(torch.maximum(q * lo, q * hi).sum()) for q in queries))
+        older = sorted(range(len(pages) - 1), key=lambda p: -bounds[p])[: read - 1]
+        tokens = [i for p in sorted({len(pages) - 1, *older}) for i in pages[p]]
+        for g, q in enumerate(queries):
+            w = torch.softmax(keys[tokens] @ q * scale, -1)
+            out[h * GROUP + g] = w @ values[tokens]
+    return out
+
+
+def test_quest_reads_only_the_top_pages():
+    """Decode over Quest's pages equals attention restricted to the naive choice of pages."""
+    page_size, budget, scale = 4, 24, DIM ** -0.5
+    comp = make_quest(budget, page_size=page_size)
+    seq = Sequence("r0", 90, 96, torch.Generator().manual_seed(4))
+    comp.begin_step([StepRequest("r0", 0, 90, 90)])
+    for layer in range(LAYERS):
+        comp.forward_layer(layer, seq.q[layer, :90], seq.k[layer, :90], seq.v[layer, :90], scale)
+    comp.end_step()
+    for t in range(90, 96):
+        comp.begin_step([StepRequest("r0", t, 1, 90)])
+        for layer in range(LAYERS):
+            out = comp.forward_layer(layer, seq.q[layer, t:t + 1], seq.k[layer, t:t + 1],
+                                     seq.v[layer, t:t + 1], scale)
+            expected = naive_quest(seq, layer, t, page_size, budget // page_size, scale)
+            torch.testing.assert_close(out[0], expected)
+        comp.end_step()
+    steps = 6 * LAYERS * KV_HEADS  # the newest page may be partly filled
+    assert steps * (budget - page_size) < comp.stats.decode_tokens_read <= steps * budget
+    assert comp.stats.decode_tokens_held > 3 * comp.stats.decode_tokens_read
+
+
+def test_quest_reading_every_page_is_dense_attention():
+    gen = torch.Generator().manual_seed(2)
+    rng = np.random.default_rng(2)
+    comp = make_quest(1.0)
+    run_schedule(comp, random_sequences(gen, rng, 4, 1, 60), rng, check=True)
+    assert comp.stats.decode_tokens_read == comp.stats.decode_tokens_held
+    assert comp.store.pool.num_used == 0
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streamingllm", "pyramidkv"])
+@pytest.mark.parametrize("fmt", ["none", "k8v4"])
+def test_page_key_bounds_hold_every_stored_key_after_eviction(name, fmt, monkeypatch):
+    """Quest composed with eviction: compaction and evict_one keep each page's bounds valid."""
+    policy = build_policy(name, budget=0.3, window=4, sink_tokens=2)
+    comp = make_quest(0.25, policy, fmt=fmt)
+    original = comp.end_step
+
+    def checked():
+        store = comp.store
+        for layer in range(LAYERS):
+            rows = np.flatnonzero(store.lens[layer])
+            if not len(rows):
+                continue
+            pages, bounds = store.page_key_bounds(layer, rows)
+            keys, _ = store.gather(layer, rows)
+            for i, row in enumerate(rows):
+                n = int(store.lens[layer, row])
+                for p in range(-(-n // 4)):
+                    held = keys[i, p * 4:min(n, p * 4 + 4)]
+                    assert (bounds[i, p, 0] <= held.amin(0) + 1e-9).all()
+                    assert (bounds[i, p, 1] >= held.amax(0) - 1e-9).all()
+        original()
+
+    monkeypatch.setattr(comp, "end_step", checked)
+    gen = torch.Generator().manual_seed(6)
+    rng = np.random.default_rng(6)
+    run_schedule(comp, random_sequences(gen, rng, 4, 30, 120, max_new=20), rng, check=False,
+                 abort_rate=0.05)
+    assert comp.stats.evicted_tokens > 0
+    assert comp.stats.decode_tokens_read < comp.stats.decode_tokens_held
+    assert comp.store.pool.num_used == 0
+
+
+def test_quest_refuses_policies_that_need_every_token():
+    shape = StoreShape(LAYERS, KV_HEADS, DIM, 4, torch.float64, page_format("none"),
+                       metadata_for(build_policy("h2o")), key_bounds=True)
+    with pytest.raises(ValueError, match="attention mass"):
+        KVCompressor(PagedKVStore(shape, 64, 2, 64), build_policy("h2o"), KV_HEADS * GROUP,
+                     selector=Quest(budget=0.5))

@@ -37,17 +37,21 @@ def decode_attention(
     lens: torch.Tensor,
     scale: float,
     need_mass: bool = False,
+    visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query token per request over its rows.
 
     q [B, Hq, D]; keys/values [B, H, T, D] (padded past ``lens`` [B, H]).
-    Returns out [B, Hq, D] and, if ``need_mass``, the attention probabilities
-    summed over each group [B, H, T] (zero past ``lens``).
+    ``visible`` [B, H, T] replaces ``lens`` where the slots read are not a
+    prefix (Quest's chosen pages). Returns out [B, Hq, D] and, if
+    ``need_mass``, the attention probabilities summed over each group
+    [B, H, T] (zero where not visible).
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = keys.shape[1]
     group = num_q_heads // num_kv_heads
-    visible = torch.arange(keys.shape[2], device=q.device) < lens.unsqueeze(-1)  # [B, H, T]
+    if visible is None:
+        visible = torch.arange(keys.shape[2], device=q.device) < lens.unsqueeze(-1)  # [B, H, T]
     out, mass = _attend(
         q.view(batch, num_kv_heads, group, 1, head_dim), keys, values,
         visible.unsqueeze(-2), scale, need_mass,

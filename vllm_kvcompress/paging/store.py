@@ -53,6 +53,7 @@ class StoreShape:
     dtype: torch.dtype
     format: PageFormat = field(default_factory=lambda: page_format("none"))
     metadata: tuple[str, ...] = ()
+    key_bounds: bool = False  # per-page min/max of the keys (Quest's page selection)
 
     def components(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         parts = dict(self.format.components(self.head_dim, self.dtype))
@@ -61,11 +62,19 @@ class StoreShape:
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of one stored token of one (layer, KV head), scales and metadata included."""
-        return sum(
+        """Bytes of one stored token of one (layer, KV head), scales and metadata included.
+
+        A page's key bounds are charged to its slots, rounded up, so that a
+        page never costs more than ``page_size * slot_bytes``.
+        """
+        slot = sum(
             math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             for shape, dtype in self.components().values()
         )
+        if self.key_bounds:
+            bounds = 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+            slot += -(-bounds // self.page_size)
+        return slot
 
     @property
     def page_bytes(self) -> int:
@@ -92,6 +101,11 @@ class PagedKVStore:
         if "pos" in self.parts:
             self.parts["pos"].fill_(-1)
         self._kv_names = [n for n in self.parts if n not in SLOT_METADATA]
+        # [num_pages, 2, D]: element-wise min and max of the keys a page holds.
+        self.key_bounds = (
+            torch.zeros((num_pages, 2, shape.head_dim), dtype=shape.dtype, device=device)
+            if shape.key_bounds else None
+        )
         self.pool = PagePool(num_pages, device)
         self.max_pages_per_row = pages_for(max_tokens_per_row, size)
         self.tables = torch.zeros(
@@ -159,6 +173,9 @@ class PagedKVStore:
         self.tables[
             torch.from_numpy(layer_idx), torch.from_numpy(row_idx), torch.from_numpy(col_idx)
         ] = pages.to(self.device)
+        if self.key_bounds is not None:  # empty pages: bounds that any key widens
+            self.key_bounds[pages, 0] = torch.finfo(self.shape.dtype).max
+            self.key_bounds[pages, 1] = torch.finfo(self.shape.dtype).min
 
     def _free_tail(self, layer: int, rows: np.ndarray, keep_tokens: np.ndarray) -> None:
         """Free the pages of ``rows`` past ``keep_tokens`` and set their lengths."""
@@ -191,8 +208,15 @@ class PagedKVStore:
         pages, offsets = self._locate(layer, rows, slots)
         fmt = self.shape.format
         for side, x in (("k", key), ("v", value)):
-            for name, part in encode(fmt, side, x).items():
+            encoded = encode(fmt, side, x)
+            for name, part in encoded.items():
                 self.parts[name][pages, offsets] = part.to(self.parts[name].dtype)
+            if side == "k" and self.key_bounds is not None:
+                # Bounds of the keys as attention will read them (after dequantization).
+                stored = decode(fmt, "k", encoded, self.shape.dtype).flatten(0, -2)
+                index = pages.reshape(-1, 1).expand_as(stored)
+                self.key_bounds[:, 0].scatter_reduce_(0, index, stored, "amin")
+                self.key_bounds[:, 1].scatter_reduce_(0, index, stored, "amax")
         if "pos" in self.parts:
             self.parts["pos"][pages, offsets] = positions.to(torch.int32).view(-1, 1).expand_as(pages)
         if "mass" in self.parts:
@@ -200,16 +224,40 @@ class PagedKVStore:
 
     def gather(self, layer: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``rows`` as [R, T, D] in the model dtype (T >= max length; pad past ``lens``)."""
-        pages = self._row_pages(layer, rows)
+        return self.gather_pages(self._row_pages(layer, rows))
+
+    def gather_pages(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given pages [R, K] as [R, K * page_size, D] in the model dtype."""
         fmt, dtype = self.shape.format, self.shape.dtype
-        keys, values = (
+        return tuple(
             decode(fmt, side, {
                 name: self.parts[name][pages].flatten(1, 2)
                 for name in self._kv_names if name.startswith(side)
             }, dtype)
             for side in ("k", "v")
         )
-        return keys, values
+
+    def page_key_bounds(self, layer: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page ids [R, N] of ``rows`` and their key bounds [R, N, 2, D] (stale past each row's pages)."""
+        pages = self._row_pages(layer, rows)
+        return pages, self.key_bounds[pages]
+
+    def _refresh_key_bounds(self, layer: int, rows: np.ndarray) -> None:
+        """Recompute the bounds of every page of ``rows`` from what it holds now."""
+        if self.key_bounds is None or not self.lens[layer, rows].any():
+            return
+        size = self.shape.page_size
+        pages = self._row_pages(layer, rows)
+        keys, _ = self.gather_pages(pages)
+        lens = torch.from_numpy(self.lens[layer, rows]).to(keys.device)
+        held = (torch.arange(keys.shape[1], device=keys.device) < lens[:, None]).unsqueeze(-1)
+        big = torch.finfo(keys.dtype).max
+        shape = (*pages.shape, size, keys.shape[-1])
+        low = keys.masked_fill(~held, big).view(shape).amin(dim=2)
+        high = keys.masked_fill(~held, -big).view(shape).amax(dim=2)
+        # Only the pages a row holds: stale table entries past it may alias live pages.
+        live = torch.arange(pages.shape[1], device=keys.device) < -(-lens[:, None] // size)
+        self.key_bounds[pages[live]] = torch.stack([low[live], high[live]], dim=1)
 
     def gather_slot_metadata(self, layer: int, rows: np.ndarray, name: str) -> torch.Tensor:
         """Slot metadata ``name`` ("pos" or "mass") of ``rows`` as [R, T] (T as in :meth:`gather`)."""
@@ -252,6 +300,7 @@ class PagedKVStore:
                     -1, -1, *flat.shape[2:])
                 part[dst_pages, dst_offsets] = flat.gather(1, index)[valid]
         self._free_tail(layer, rows, new_lens)
+        self._refresh_key_bounds(layer, rows)
         return new_lens
 
     def evict_one(self, layer: int, rows: np.ndarray, victims: np.ndarray) -> None:
@@ -261,6 +310,11 @@ class PagedKVStore:
         dst_pages, dst_off = self._locate(layer, rows, victims)
         for part in self.parts.values():
             part[dst_pages, dst_off] = part[src_pages, src_off]
+        if self.key_bounds is not None:  # the source page's bounds cover the moved key
+            self.key_bounds[dst_pages, 0] = torch.minimum(self.key_bounds[dst_pages, 0],
+                                                          self.key_bounds[src_pages, 0])
+            self.key_bounds[dst_pages, 1] = torch.maximum(self.key_bounds[dst_pages, 1],
+                                                          self.key_bounds[src_pages, 1])
         self._free_tail(layer, rows, last)
 
     # -- statistics --------------------------------------------------------

@@ -42,6 +42,7 @@ def _load_builtin() -> None:
         h2o,
         leankv,
         pyramidkv,
+        quest,
         snapkv,
         streamingllm,
     )

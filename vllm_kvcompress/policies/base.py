@@ -79,6 +79,8 @@ class Policy(ABC):
     # never exceeds ``H * layer_budget`` and no head keeps more than
     # ``min(T, H * layer_budget)``. Memory accounting relies on these bounds.
     uniform_heads: ClassVar[bool] = True
+    # False: nothing is evicted (Quest chooses what decode reads instead).
+    evicts: ClassVar[bool] = True
 
     budget: float | int = 0.25
     window: int = 32  # observation window: last prompt tokens whose queries vote

@@ -27,7 +27,7 @@ from vllm_kvcompress.policies import policy_names
 
 GROUP_TITLE = "KVCompress"
 _FLAGS = {"kv_policy": "policy", "kv_budget": "budget", "kv_window": "window",
-          "kv_quant": "quant", "kv_page_size": "page_size"}
+          "kv_quant": "quant", "kv_page_size": "page_size", "kv_decode_budget": "decode_budget"}
 
 # On CPU, vLLM reserves 92% of a NUMA node for KV unless told otherwise and
 # refuses to start when that much is not free.
@@ -82,6 +82,9 @@ def add_cli_args(parser):
     group.add_argument("--kv-quant", choices=FORMAT_NAMES, default=None,
                        help="Page format: keys and values quantized separately, per token "
                             "(default none; leankv defaults to k8v4).")
+    group.add_argument("--kv-decode-budget", type=_budget_arg, default=None,
+                       help="Quest on top of an eviction policy: tokens (or a fraction of the "
+                            "cache) each decode step reads, as whole pages chosen per query.")
     group.add_argument("--kv-page-size", type=_positive_int, default=None,
                        help="Tokens per page of one (layer, KV head); a power of two.")
     group.add_argument("--kv-config", type=_preset_arg, default=None, metavar="PATH",

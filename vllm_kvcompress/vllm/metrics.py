@@ -29,6 +29,8 @@ class WorkerStats:
 
     prompt_tokens: float = 0.0  # delta: prompt tokens that went through the policy
     evicted_tokens: float = 0.0  # delta: tokens evicted (prefill end and decode)
+    decode_tokens_held: float = 0.0  # delta: tokens decode attention could read
+    decode_tokens_read: float = 0.0  # delta: tokens it read (fewer under Quest)
     tokens_held: float = 0.0  # now: tokens stored in pages
     tokens_logical: float = 0.0  # now: tokens the same requests hold uncompressed
     pages_used: int = 0
@@ -39,6 +41,9 @@ class WorkerStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DELTAS = ("prompt_tokens", "evicted_tokens", "decode_tokens_held", "decode_tokens_read")
 
 
 @dataclass
@@ -52,15 +57,16 @@ class SchedulerMetrics:
         if not stats:
             return
         update = WorkerStats(**{k: v for k, v in stats.items() if k != "kept_rows"})
-        self.pending.prompt_tokens += update.prompt_tokens
-        self.pending.evicted_tokens += update.evicted_tokens
+        for name in DELTAS:
+            setattr(self.pending, name, getattr(self.pending, name) + getattr(update, name))
         for name in ("tokens_held", "tokens_logical", "pages_used", "pages_total"):
             setattr(self.pending, name, getattr(update, name))
 
     def drain(self, blocks_total: int, blocks_free: int) -> dict:
         payload = {**self.pending.to_dict(), "policy": self.policy,
                    "blocks_total": blocks_total, "blocks_free": blocks_free}
-        self.pending.prompt_tokens = self.pending.evicted_tokens = 0.0
+        for name in DELTAS:
+            setattr(self.pending, name, 0.0)
         return payload
 
 
@@ -80,6 +86,13 @@ def _series():
             "evicted_tokens": Counter(
                 "kvcompress_evicted_tokens",
                 "Tokens evicted from the KV cache (full-token equivalents)", labels),
+            "decode_tokens_held": Counter(
+                "kvcompress_decode_tokens_held",
+                "Tokens decode attention could read (full-token equivalents, summed over steps)",
+                labels),
+            "decode_tokens_read": Counter(
+                "kvcompress_decode_tokens_read",
+                "Tokens decode attention read: fewer than held when Quest selects pages", labels),
             "tokens_held": Gauge(
                 "kvcompress_tokens_kept",
                 "Tokens held in KV pages by running requests (full-token equivalents)", labels,
@@ -130,8 +143,8 @@ class KVCompressStatLogger(_base()):
             return
         series = _series()
         labels = {"model_name": self.model_name, "policy": payload["policy"]}
-        series["prompt_tokens"].labels(**labels).inc(payload["prompt_tokens"])
-        series["evicted_tokens"].labels(**labels).inc(payload["evicted_tokens"])
+        for name in DELTAS:
+            series[name].labels(**labels).inc(payload.get(name, 0.0))
         for name in ("tokens_held", "tokens_logical", "pages_used"):
             series[name].labels(**labels).set(payload[name])
         series["pages_free"].labels(**labels).set(payload["pages_total"] - payload["pages_used"])

@@ -59,6 +59,7 @@ class KVCompressRunnerMixin:
             dtype=spec.dtype,
             format=page_format(config.page_format),
             metadata=metadata_for(policy),
+            key_bounds=config.quest_budget is not None,
         )
 
     def get_kv_cache_spec(self):
@@ -94,7 +95,8 @@ class KVCompressRunnerMixin:
             device=self.device,
         )
         self.kvcompress = KVCompressor(
-            store, config.build_policy(), model.get_num_attention_heads(parallel)
+            store, config.build_policy(), model.get_num_attention_heads(parallel),
+            selector=config.build_selector(),
         )
         logger.info("kvcompress: policy %s, %s pages, %d pages of %d tokens (%d bytes a token-head, "
                     "%.2f GiB) for %d layers x %d KV heads", config.policy, config.page_format,
@@ -164,6 +166,8 @@ class KVCompressRunnerMixin:
         result = WorkerStats(
             prompt_tokens=stats.prompt_tokens / per_token,
             evicted_tokens=stats.evicted_tokens / per_token,
+            decode_tokens_held=stats.decode_tokens_held / per_token,
+            decode_tokens_read=stats.decode_tokens_read / per_token,
             tokens_held=store.tokens_held() / per_token,
             tokens_logical=float(compressor.logical_tokens()),
             pages_used=store.pool.num_used,
@@ -173,6 +177,7 @@ class KVCompressRunnerMixin:
             kept_rows=kept_rows if self.vllm_config.parallel_config.tensor_parallel_size == 1 else {},
         )
         stats.prompt_tokens = stats.evicted_tokens = 0
+        stats.decode_tokens_held = stats.decode_tokens_read = 0
         return result
 
 
