@@ -1,24 +1,29 @@
 """Fidelity to the full cache: greedy token agreement and logit KL, against plain vLLM.
 
-    python -m benchmarks.fidelity --configs plain k8v4 k8v8 k4v4 vllm-fp8 vllm-int8 \
+    python -m benchmarks.fidelity --configs plain ours-full k8v8 k8v4 k4v4 vllm-bf16 vllm-fp8 \\
         [--context 2000] [--prompts 4] [--tokens 256]
 
-Each configuration serves the same long prompts (synthetic records to
-summarise); every one is compared with plain vLLM's full-precision cache from
-the same run:
+Plain vLLM (full-precision cache) generates a greedy reference continuation
+of each long prompt (synthetic records to summarise). Every configuration,
+served in the same run, is then measured two ways:
 
-* agreement: share of the generated positions whose greedy token equals plain
-  vLLM's (position by position over free-running generations);
-* prefix: tokens generated before the first difference;
-* KV tokens: tokens the same KV bytes hold under this configuration (vLLM's
-  ``cache_config_info``: blocks x block size; for an eviction policy this is
-  stored tokens, not prompt tokens);
-* KL: KL(plain || config) of the next-token distribution at the positions
-  before the first difference, estimated from the top-20 logprobs vLLM
-  returns (a token missing from the config's top 20 gets its 20th logprob).
+* teacher-forced (the headline): the reference continuation is forced token
+  by token (``benchmarks.forcing``) and at each of its positions we compare
+  the configuration's own greedy choice, and its next-token distribution,
+  with plain vLLM's. *agreement* is the share of positions whose greedy token
+  equals the reference; *KL* is KL(plain || config) averaged over positions,
+  estimated from the top-20 logprobs vLLM returns (a token missing from the
+  config's top 20 gets its 20th logprob);
+* free-running: the configuration generates on its own; *prefix* is the
+  number of tokens before its first difference from the reference (a single
+  near-tie can end it, after which the texts drift apart).
 
-vLLM's own ``--kv-cache-dtype`` modes run side by side where this machine
-supports them; one that cannot start is reported with vLLM's reason.
+KV tokens: tokens the same KV bytes hold under the configuration (vLLM's
+``cache_config_info``: blocks x block size). ``ours-full`` runs our attention
+path with nothing compressed (SnapKV at budget 1.0): the control that
+separates quantization error from the arithmetic of a different kernel.
+vLLM's own ``--kv-cache-dtype`` modes run side by side; one that cannot start
+on this machine is reported with vLLM's reason.
 Writes results/fidelity.json and results/fidelity.png.
 """
 
@@ -32,11 +37,12 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks.server import kv_capacity_tokens, vllm_server
+from benchmarks.server import ServerStartError, kv_capacity_tokens, vllm_server
 from benchmarks.tasks import documents
 
 CONFIGS: dict[str, tuple[str, ...]] = {
     "plain": (),
+    "ours-full": ("--kv-policy", "snapkv", "--kv-budget", "1.0"),
     "k8v8": ("--kv-quant", "k8v8"),
     "k8v4": ("--kv-quant", "k8v4"),
     "k4v4": ("--kv-quant", "k4v4"),
@@ -46,42 +52,53 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "vllm-int4": ("--kv-cache-dtype", "int4_per_token_head"),
     "vllm-turboquant-k8v4": ("--kv-cache-dtype", "turboquant_k8v4"),
 }
-for _policy in ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv"):
+for _policy in ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv", "chunkkv",
+                "quest"):
     for _budget in ("0.5", "0.25", "0.1"):
         CONFIGS[f"{_policy}@{_budget}"] = ("--kv-policy", _policy, "--kv-budget", _budget)
 CONFIGS["snapkv@0.25+k8v4"] = ("--kv-policy", "snapkv", "--kv-budget", "0.25", "--kv-quant", "k8v4")
+FORCING = ("--logits-processors", "benchmarks.forcing:ForcedTokens")
 TOP = 20
 
+Step = tuple[int, dict[int, float]]  # chosen token id, top-20 {token id: logprob}
 
-def generate(url: str, model: str, prompt: str, tokens: int) -> list[dict[str, float]]:
-    """Greedy continuation: per position, the chosen token first, then its top-20."""
-    response = httpx.post(f"{url}/v1/completions", timeout=1200, json={
-        "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-        "ignore_eos": True, "logprobs": TOP,
-    })
+
+def generate(url: str, model: str, prompt: str, tokens: int,
+             forced: list[int] | None = None) -> list[Step]:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "logprobs": TOP, "return_tokens_as_token_ids": True}
+    if forced is not None:
+        body["vllm_xargs"] = {"forced_tokens": ",".join(map(str, forced))}
+    response = httpx.post(f"{url}/v1/completions", timeout=1200, json=body)
     response.raise_for_status()
     logprobs = response.json()["choices"][0]["logprobs"]
-    return [{chosen: lp[chosen], **lp} for chosen, lp in zip(logprobs["tokens"], logprobs["top_logprobs"])]
+
+    def token_id(text: str) -> int:
+        return int(text.removeprefix("token_id:"))
+
+    return [(token_id(chosen), {token_id(t): lp for t, lp in top.items()})
+            for chosen, top in zip(logprobs["tokens"], logprobs["top_logprobs"])]
 
 
-def kl_estimate(p: dict[str, float], q: dict[str, float]) -> float:
+def greedy(top: dict[int, float]) -> int:
+    return max(top, key=top.get)
+
+
+def kl_estimate(p: dict[int, float], q: dict[int, float]) -> float:
     floor = min(q.values())
     return sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items())
 
 
-def compare(reference: list[list[dict]], other: list[list[dict]]) -> dict:
+def compare(reference: list[list[Step]], forced: list[list[Step]], free: list[list[Step]]) -> dict:
     agree = total = prefix = 0
     kls = []
-    for ref, out in zip(reference, other):
-        ref_tokens, out_tokens = [next(iter(d)) for d in ref], [next(iter(d)) for d in out]
-        agree += sum(a == b for a, b in zip(ref_tokens, out_tokens))
-        total += len(ref_tokens)
-        match = next((i for i, (a, b) in enumerate(zip(ref_tokens, out_tokens)) if a != b),
-                     len(ref_tokens))
-        prefix += match
-        kls += [kl_estimate(ref[i], out[i]) for i in range(min(match + 1, len(ref)))]
-    return {"agreement": agree / total, "prefix_tokens": prefix / len(reference),
-            "kl": sum(kls) / len(kls)}
+    for ref, out, own in zip(reference, forced, free):
+        agree += sum(greedy(o[1]) == r[0] for r, o in zip(ref, out))
+        total += len(ref)
+        kls += [kl_estimate(r[1], o[1]) for r, o in zip(ref, out)]
+        prefix += next((i for i, (r, o) in enumerate(zip(ref, own)) if r[0] != o[0]), len(ref))
+    return {"agreement": agree / total, "kl": sum(kls) / len(kls),
+            "prefix_tokens": prefix / len(reference)}
 
 
 def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: int) -> dict:
@@ -92,20 +109,24 @@ def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: i
     model = str(default_model_path())
     samples = documents(AutoTokenizer.from_pretrained(model), context, prompts)
     results: dict[str, dict] = {}
-    outputs: dict[str, list] = {}
-    capacity: dict[str, int | None] = {}
+    reference: list[list[Step]] = []
     for name in tqdm(["plain", *[c for c in configs if c != "plain"]], desc="configs"):
         flags = CONFIGS[name]
         try:
-            with vllm_server(model, *flags, kv_bytes=kv_bytes) as url:
-                capacity[name] = kv_capacity_tokens(url)
-                outputs[name] = [generate(url, model, s.prompt, tokens)
-                                 for s in tqdm(samples, desc=name, leave=False)]
-        except RuntimeError as exc:  # a mode this machine cannot run
-            results[name] = {"flags": list(flags), "error": str(exc).splitlines()[-1][:300]}
+            with vllm_server(model, *flags, *FORCING, kv_bytes=kv_bytes) as url:
+                capacity = kv_capacity_tokens(url)
+                free, forced = [], []
+                for i, sample in enumerate(tqdm(samples, desc=name, leave=False)):
+                    free.append(generate(url, model, sample.prompt, tokens))
+                    if name == "plain":
+                        reference.append(free[-1])
+                    forced.append(generate(url, model, sample.prompt, tokens,
+                                           [t for t, _ in reference[i]]))
+        except ServerStartError as exc:  # a mode this machine cannot run
+            results[name] = {"flags": list(flags), "error": exc.reason[:300]}
             continue
-        results[name] = {"flags": list(flags), "kv_tokens": capacity[name],
-                         **compare(outputs["plain"], outputs[name])}
+        results[name] = {"flags": list(flags), "kv_tokens": capacity,
+                         **compare(reference, forced, free)}
     return {"context_tokens": context, "prompts": prompts, "tokens": tokens, "kv_bytes": kv_bytes,
             "configs": results}
 
@@ -117,12 +138,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n, r in result["configs"].items() if "agreement" in r]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
     ax.bar(names, [100 * result["configs"][n]["agreement"] for n in names])
-    ax.set_ylabel("greedy tokens equal to plain vLLM (%)")
+    ax.axhline(98, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylabel("teacher-forced greedy agreement (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"Fidelity, {result['prompts']} prompts of ~{result['context_tokens']} tokens, "
-                 f"{result['tokens']} generated")
+    ax.set_title(f"Fidelity to plain vLLM: {result['prompts']} prompts of ~"
+                 f"{result['context_tokens']} tokens, {result['tokens']} tokens each")
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -130,8 +152,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["plain", "k8v8", "k8v4", "k4v4"],
-                        choices=sorted(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["plain", "ours-full", "k8v8", "k8v4",
+                                                         "k4v4"], choices=sorted(CONFIGS))
     parser.add_argument("--context", type=int, default=2000)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
@@ -146,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "error" in r:
             print(f"{name:22} cannot run here: {r['error']}")
         else:
-            print(f"{name:22} KV tokens {r['kv_tokens']}  agreement {100 * r['agreement']:6.2f}%"
-                  f"  prefix {r['prefix_tokens']:6.1f}  KL {r['kl']:.5f}")
+            print(f"{name:22} KV tokens {r['kv_tokens']:>7}  forced agreement "
+                  f"{100 * r['agreement']:6.2f}%  KL {r['kl']:.5f}  free prefix {r['prefix_tokens']:6.1f}")
     return result
 
 

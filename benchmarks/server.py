@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,20 @@ import httpx
 
 # Flags every CPU run here needs: fast start-up, fp32 (no bf16 units), sized KV space.
 CPU_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-num-seqs", "32"]
+
+
+class ServerStartError(RuntimeError):
+    """``vllm serve`` exited during start-up; ``reason`` is the root cause from its log."""
+
+    def __init__(self, returncode: int, log_path: str, log_text: str) -> None:
+        lines = log_text.splitlines()
+        causes = [m.group(1) for line in lines
+                  if (m := re.search(r"\b(\w+(?:Error|Exception): .*)", line))
+                  and "EngineDeadError" not in line and "See root cause" not in line]
+        self.reason = causes[0] if causes else f"exit code {returncode}"
+        errors = [line for line in lines if "Error" in line]
+        super().__init__(f"vllm serve exited with {returncode} (log: {log_path}): {self.reason}\n"
+                         + "\n".join(errors[-15:]))
 
 
 def free_port() -> int:
@@ -43,11 +58,7 @@ def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_tim
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                errors = [line for line in log.read().splitlines() if "Error" in line]
-                raise RuntimeError(
-                    f"vllm serve exited with {proc.returncode} (log: {log.name}):\n"
-                    + "\n".join(errors[-15:])
-                )
+                raise ServerStartError(proc.returncode, log.name, log.read())
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
@@ -88,8 +99,6 @@ def metric(url: str, name: str, **labels: str) -> float | None:
 
 def kv_capacity_tokens(url: str) -> int | None:
     """Tokens the KV pool holds, from vLLM's ``cache_config_info`` (blocks x block size)."""
-    import re
-
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for line in text.splitlines():
         if line.startswith("vllm:cache_config_info{"):
