@@ -33,7 +33,7 @@ def metadata_for(policy: Policy | None) -> tuple[str, ...]:
     if policy is None:
         return ()
     return slot_metadata(needs_positions=policy.decode_capped,
-                         needs_mass=policy.needs_attention_mass)
+                         needs_mass=policy.needs_attention_mass, needs_counts=policy.needs_counts)
 
 
 @dataclass
@@ -166,9 +166,14 @@ class KVCompressor:
                 return
         self.stats.decode_tokens_read += held
         keys, values = self.store.gather(layer, rows.reshape(-1))
+        counts = None
+        if "count" in self.store.parts:
+            counts = self.store.gather_slot_metadata(layer, rows.reshape(-1), "count")
+            counts = counts.view(batch, heads, -1)
         result, mass = decode_attention(
             query[step.decode_tokens], keys.view(batch, heads, *keys.shape[1:]),
             values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
+            counts=counts,
         )
         out[step.decode_tokens] = result
         if mass is not None:
@@ -187,13 +192,16 @@ class KVCompressor:
         grouped = query.reshape(batch * heads, num_q_heads // heads, head_dim)
         chosen, reading = select_pages(page_bounds(grouped, bounds[:, :, 0], bounds[:, :, 1]),
                                        held, read)
-        keys, values = self.store.gather_pages(pages.gather(1, chosen))
+        read_pages = pages.gather(1, chosen)
+        keys, values = self.store.gather_pages(read_pages)
         slot = chosen.unsqueeze(-1) * size + torch.arange(size)  # [R, K, P] index in the row
         visible = (reading.unsqueeze(-1) & (slot < lens.view(-1, 1, 1))).flatten(1)
+        counts = self.store.parts.get("count")
         result, _ = decode_attention(
             query, keys.view(batch, heads, *keys.shape[1:]),
             values.view(batch, heads, *values.shape[1:]), None, scale,
             visible=visible.view(batch, heads, -1),
+            counts=None if counts is None else counts[read_pages].view(batch, heads, -1),
         )
         return result, int(visible.sum())
 
@@ -248,10 +256,25 @@ class KVCompressor:
                 self._report(req, layer, np.full(len(rows), prompt_len))
                 continue
             keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool)
-            keep[:, :prompt_len] = self._select(slot, layer, rows, prompt_len, budget, window, scale)
+            chosen = self._select(slot, layer, rows, prompt_len, budget, window, scale)
+            keep[:, :prompt_len] = chosen
+            merged = (self.policy.merge(self._inputs(layer, rows, prompt_len, window, scale), chosen)
+                      if self.policy.needs_counts else None)
             new_lens = self.store.compact(layer, rows, keep)
+            if merged is not None:
+                self.store.rewrite(layer, rows, *merged)
             self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
             self._report(req, layer, new_lens - (req.total_after - prompt_len))
+
+    def _inputs(self, layer, rows, prompt_len, window, scale) -> LayerInputs:
+        keys, values = self.store.gather(layer, rows)
+        mass = None
+        if self.policy.needs_attention_mass:
+            mass = self.store.gather_slot_metadata(layer, rows, "mass")[:, :prompt_len]
+        return LayerInputs(
+            keys=keys[:, :prompt_len], values=values[:, :prompt_len], window_queries=window,
+            layer=layer, num_layers=self.num_layers, scale=scale, attention_mass=mass,
+        )
 
     def _select(self, slot, layer, rows, prompt_len, budget, window, scale) -> torch.Tensor:
         """[H, prompt_len] keep-mask of one layer: scored, or reused from its source layer."""
@@ -262,16 +285,7 @@ class KVCompressor:
             self.stats.reused_selections += 1
             keep = shared[source]
         else:
-            keys, values = self.store.gather(layer, rows)
-            mass = None
-            if policy.needs_attention_mass:
-                mass = self.store.gather_slot_metadata(layer, rows, "mass")[:, :prompt_len]
-            inputs = LayerInputs(
-                keys=keys[:, :prompt_len], values=values[:, :prompt_len],
-                window_queries=window, layer=layer, num_layers=self.num_layers, scale=scale,
-                attention_mass=mass,
-            )
-            keep = policy.select(inputs, budget)
+            keep = policy.select(self._inputs(layer, rows, prompt_len, window, scale), budget)
             if layer + 1 < self.num_layers and policy.selection_source(layer + 1) == layer:
                 shared[layer] = keep
         if layer == self.num_layers - 1:

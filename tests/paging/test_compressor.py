@@ -273,3 +273,39 @@ def test_quest_refuses_policies_that_need_every_token():
     with pytest.raises(ValueError, match="attention mass"):
         KVCompressor(PagedKVStore(shape, 64, 2, 64), build_policy("h2o"), KV_HEADS * GROUP,
                      selector=Quest(budget=0.5))
+
+
+@pytest.mark.parametrize("fmt", ["none", "k8v8"])
+def test_spindlekv_decode_weighs_merged_entries_by_their_counts(fmt):
+    """Merged entries land in the pages with their counts, and decode attends with log-count bias."""
+    from vllm_kvcompress.policies.base import LayerInputs
+
+    policy = build_policy("spindlekv", budget=20, window=4, sink_tokens=2, similarity=-1.0,
+                          shallow_layers=0.5)  # layer 0 merges, layer 1 evicts
+    comp = make(policy, page_size=4, fmt=fmt)
+    seq = Sequence("r0", 64, 65, torch.Generator().manual_seed(9))
+    scale = DIM ** -0.5
+    for start, count in ((0, 64), (64, 1)):
+        comp.begin_step([StepRequest("r0", start, count, 64)])
+        outs = [comp.forward_layer(layer, seq.q[layer, start:start + count],
+                                   seq.k[layer, start:start + count],
+                                   seq.v[layer, start:start + count], scale)
+                for layer in range(LAYERS)]
+        comp.end_step()
+    rows = comp.store.rows(comp.store.slot_of("r0"))
+    counts = comp.store.gather_slot_metadata(0, rows, "count")[:, :21]
+    assert (counts[:, :20].sum(dim=1) == 64).all()  # every prompt token counted once
+    assert (comp.store.gather_slot_metadata(1, rows, "count")[:, :21] == 1).all()
+    # Layer 0's decode output from the policy's own merge of the prompt.
+    inputs = LayerInputs(keys=seq.k[0, :64].transpose(0, 1), values=seq.v[0, :64].transpose(0, 1),
+                         window_queries=seq.q[0, 60:64].transpose(0, 1), layer=0,
+                         num_layers=LAYERS, scale=scale)
+    keys, values, merged_counts = policy.merge(inputs, policy.select(inputs, 20))
+    keys = torch.cat([keys, seq.k[0, 64:65].transpose(0, 1)], dim=1)
+    values = torch.cat([values, seq.v[0, 64:65].transpose(0, 1)], dim=1)
+    bias = torch.cat([merged_counts, torch.ones(KV_HEADS, 1, dtype=merged_counts.dtype)], 1).log()
+    q = seq.q[0, 64].view(KV_HEADS, GROUP, DIM)
+    weights = torch.softmax(torch.einsum("hgd,htd->hgt", q, keys) * scale + bias[:, None], -1)
+    expected = torch.einsum("hgt,htd->hgd", weights, values).reshape(-1, DIM)
+    tol = {"atol": 1e-9, "rtol": 0} if fmt == "none" else {"atol": FORMAT_TOLERANCE[fmt], "rtol": 0}
+    torch.testing.assert_close(outs[0][0], expected, **tol)

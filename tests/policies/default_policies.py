@@ -15,6 +15,7 @@ from vllm_kvcompress.policies.h2o import H2O
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
 from vllm_kvcompress.policies.snapkv import SnapKV
+from vllm_kvcompress.policies.spindlekv import SpindleKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
 
 DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
@@ -35,6 +36,9 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (ChunkKV, {}),
     (ChunkKV, {"chunk_size": 1, "reuse_layers": 3, "window": 8}),
     (ChunkKV, {"chunk_size": 32, "reuse_layers": 2, "budget": 0.5, "sink_tokens": 0}),
+    (SpindleKV, {}),
+    (SpindleKV, {"shallow_layers": 1.0, "similarity": -1.0, "window": 8}),
+    (SpindleKV, {"shallow_layers": 0.0, "budget": 0.5, "sink_tokens": 0}),
     (LeanKV, {}),
     (LeanKV, {"mass_threshold": 0.5, "min_ratio": 0.0, "window": 8, "sink_tokens": 0}),
     (LeanKV, {"mass_threshold": 1.0, "min_ratio": 1.0, "budget": 64}),

@@ -14,15 +14,19 @@ import torch.nn.functional as F
 
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
-    need_mass: bool,
+    need_mass: bool, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [..., H, G, n, D], k/v [..., H, T, D], visible [..., H, n, T] (bool).
+
+    ``bias`` [..., H, n, T] is added to the scaled logits (log counts of merged entries).
 
     Returns out [..., H, G, n, D] and, if asked, the attention mass per key
     summed over the group's heads and the queries: [..., H, T].
     """
     acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 softmax
     scores = torch.einsum("...hgnd,...htd->...hgnt", q.to(acc), k.to(acc)) * scale
+    if bias is not None:
+        scores = scores + bias.to(acc).unsqueeze(-3)
     scores = scores.masked_fill(~visible.unsqueeze(-3), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("...hgnt,...htd->...hgnd", probs, v.to(acc)).to(q.dtype)
@@ -38,12 +42,14 @@ def decode_attention(
     scale: float,
     need_mass: bool = False,
     visible: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query token per request over its rows.
 
     q [B, Hq, D]; keys/values [B, H, T, D] (padded past ``lens`` [B, H]).
     ``visible`` [B, H, T] replaces ``lens`` where the slots read are not a
-    prefix (Quest's chosen pages). Returns out [B, Hq, D] and, if
+    prefix (Quest's chosen pages). ``counts`` [B, H, T]: how many tokens each
+    slot stands for (merged entries weigh ``count * exp(q . k)``). Returns out [B, Hq, D] and, if
     ``need_mass``, the attention probabilities summed over each group
     [B, H, T] (zero where not visible).
     """
@@ -52,9 +58,10 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     if visible is None:
         visible = torch.arange(keys.shape[2], device=q.device) < lens.unsqueeze(-1)  # [B, H, T]
+    bias = None if counts is None else counts.clamp_min(1e-30).log().unsqueeze(-2)
     out, mass = _attend(
         q.view(batch, num_kv_heads, group, 1, head_dim), keys, values,
-        visible.unsqueeze(-2), scale, need_mass,
+        visible.unsqueeze(-2), scale, need_mass, bias,
     )
     return out.view(batch, num_q_heads, head_dim), mass
 

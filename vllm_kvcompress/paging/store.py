@@ -37,11 +37,14 @@ from vllm_kvcompress.paging.formats import PageFormat, decode, encode, page_form
 from vllm_kvcompress.paging.pool import PagePool
 
 # Per-slot metadata a policy may need beside K and V.
-SLOT_METADATA = {"pos": ((), torch.int32), "mass": ((), torch.float32)}
+SLOT_METADATA = {"pos": ((), torch.int32), "mass": ((), torch.float32),
+                 "count": ((), torch.float32)}
 
 
-def slot_metadata(needs_positions: bool, needs_mass: bool) -> tuple[str, ...]:
-    return tuple(n for n, on in (("pos", needs_positions), ("mass", needs_mass)) if on)
+def slot_metadata(needs_positions: bool, needs_mass: bool, needs_counts: bool = False
+                  ) -> tuple[str, ...]:
+    wanted = (("pos", needs_positions), ("mass", needs_mass), ("count", needs_counts))
+    return tuple(n for n, on in wanted if on)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,8 @@ class PagedKVStore:
             self.parts["pos"][pages, offsets] = positions.to(torch.int32).view(-1, 1).expand_as(pages)
         if "mass" in self.parts:
             self.parts["mass"][pages, offsets] = 0.0
+        if "count" in self.parts:
+            self.parts["count"][pages, offsets] = 1.0
 
     def gather(self, layer: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``rows`` as [R, T, D] in the model dtype (T >= max length; pad past ``lens``)."""
@@ -260,8 +265,29 @@ class PagedKVStore:
         self.key_bounds[pages[live]] = torch.stack([low[live], high[live]], dim=1)
 
     def gather_slot_metadata(self, layer: int, rows: np.ndarray, name: str) -> torch.Tensor:
-        """Slot metadata ``name`` ("pos" or "mass") of ``rows`` as [R, T] (T as in :meth:`gather`)."""
+        """Slot metadata ``name`` ("pos", "mass", "count") of ``rows`` as [R, T] (T as in :meth:`gather`)."""
         return self.parts[name][self._row_pages(layer, rows)].flatten(1)
+
+    def rewrite(self, layer: int, rows: np.ndarray, keys: torch.Tensor, values: torch.Tensor,
+                counts: torch.Tensor) -> None:
+        """Replace the first K slots of every row: keys/values [R, K, D], counts [R, K].
+
+        For merged entries (SpindleKV): they are re-encoded in the page format.
+        """
+        num = keys.shape[1]
+        if num == 0:
+            return
+        grid_rows = np.tile(rows, (num, 1))
+        grid_slots = np.repeat(np.arange(num)[:, None], len(rows), axis=1)
+        pages, offsets = self._locate(layer, grid_rows, grid_slots)
+        kept = {name: self.parts[name][pages, offsets].clone()
+                for name in ("pos", "mass") if name in self.parts}
+        self.write(layer, grid_rows, grid_slots, keys.transpose(0, 1), values.transpose(0, 1),
+                   torch.zeros(num, dtype=torch.int32))
+        for name, saved in kept.items():
+            self.parts[name][pages, offsets] = saved
+        if "count" in self.parts:
+            self.parts["count"][pages, offsets] = counts.transpose(0, 1).to(torch.float32)
 
     def add_mass(self, layer: int, rows: np.ndarray, mass: torch.Tensor) -> None:
         """Accumulate attention mass [R, T] (zero past each row's length) into the slots."""

@@ -44,6 +44,7 @@ def _load_builtin() -> None:
         pyramidkv,
         quest,
         snapkv,
+        spindlekv,
         streamingllm,
     )
 

@@ -81,6 +81,9 @@ class Policy(ABC):
     uniform_heads: ClassVar[bool] = True
     # False: nothing is evicted (Quest chooses what decode reads instead).
     evicts: ClassVar[bool] = True
+    # Kept entries may stand for several tokens (SpindleKV's merging): the store
+    # keeps a count per slot and attention weighs a slot by count * exp(q . k).
+    needs_counts: ClassVar[bool] = False
 
     budget: float | int = 0.25
     window: int = 32  # observation window: last prompt tokens whose queries vote
@@ -128,6 +131,15 @@ class Policy(ABC):
         an earlier or the same layer with the same budget.
         """
         return layer
+
+    def merge(self, inputs: LayerInputs, keep: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Replacement keys, values [H, K, D] and counts [H, K] for the kept tokens, or ``None``.
+
+        Called after :meth:`select` (uniform heads only); ``None`` stores the
+        kept tokens as they are.
+        """
+        return None
 
     # -- decode ------------------------------------------------------------
     def slot_scores(
