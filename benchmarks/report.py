@@ -60,7 +60,42 @@ def fidelity_section(data: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"memory": memory_section, "fidelity": fidelity_section}
+def accuracy_section(data: dict) -> list[str]:
+    tasks = data["tasks"]
+    lines = [
+        "### Long-context accuracy",
+        "",
+        f"`python -m benchmarks.accuracy` ({' and '.join(tasks)}, {data['samples_per_task']} "
+        f"prompts each of ~{data['context_tokens']} tokens; plain vLLM's full cache in the same run)",
+        "",
+        "| configuration | " + " | ".join(tasks) + " | correct | vs full cache |",
+        "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |",
+    ]
+    for name, r in data["configs"].items():
+        rel = "" if r["relative"] is None else f"{100 * r['relative']:.0f}%"
+        cells = " | ".join(f"{r['per_task'][t]}/{data['samples_per_task']}" for t in tasks)
+        lines.append(f"| {name} | {cells} | {r['correct']}/{r['total']} | {rel} |")
+    lines += ["", "![accuracy](results/accuracy.png)"]
+    return lines
+
+
+def scoring_section(data: dict) -> list[str]:
+    lines = [
+        "### Selection time (ChunkKV's layer-wise index reuse)",
+        "",
+        f"`python -m benchmarks.scoring` (one {data['tokens']}-token prompt, {data['layers']} "
+        f"layers of the default model's shape, {data['threads']} threads; median)",
+        "",
+        "| setting | ms per prompt | vs ChunkKV without reuse |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, r in data["rows"].items():
+        lines.append(f"| {name} | {1000 * r['seconds']:.0f} | {r['vs_chunkkv_no_reuse']:.2f}x |")
+    return lines
+
+
+SECTIONS = {"memory": memory_section, "fidelity": fidelity_section,
+            "accuracy": accuracy_section, "scoring": scoring_section}
 
 
 def render() -> str:

@@ -53,6 +53,39 @@ def passkey(tokenizer, context_tokens: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9), se
     return samples
 
 
+def multikey(tokenizer, context_tokens: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9), needles: int = 4,
+             seed: int = 1):
+    """RULER's multi-key needle: several labelled keys in the filler, one asked for.
+
+    The asked key sits at each depth in turn; the distractors are spread evenly.
+    """
+    rng = random.Random(seed)
+    filler_tokens = len(tokenizer.encode(FILLER, add_special_tokens=False)) if tokenizer else 25
+    repeats = max(1, context_tokens // filler_tokens)
+    samples = []
+    for depth in depths:
+        labels = rng.sample(_CITIES, needles)
+        keys = [str(rng.randint(10000, 99999)) for _ in labels]
+        spots = [depth] + [(depth + (i + 1) / needles) % 1.0 for i in range(needles - 1)]
+        pieces = sorted(zip((int(repeats * d) for d in spots), labels, keys))
+        haystack, cut = "", 0
+        for at, label, key in pieces:
+            haystack += FILLER * (at - cut) + f"The pass key for {label} is {key}. "
+            cut = at
+        haystack += FILLER * (repeats - cut)
+        user = (
+            "Several pass keys are hidden inside a lot of irrelevant text. Find them and "
+            "memorize them. I will quiz you about them.\n\n" + haystack
+            + f"\n\nWhat is the pass key for {labels[0]}? Answer with the number only."
+        )
+        samples.append(Sample("multikey", _chat(tokenizer, user, ""), keys[0], depth,
+                              context_tokens))
+    return samples
+
+
+TASKS = {"passkey": passkey, "multikey": multikey}
+
+
 def score(sample: Sample, output: str) -> bool:
     return sample.answer in output
 

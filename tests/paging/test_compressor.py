@@ -117,7 +117,7 @@ def held_pages(comp: KVCompressor, slot: int, page_size: int) -> int:
 POLICIES = [name for name in policy_names() if name != "none" and build_policy(name).evicts]
 
 
-@pytest.mark.parametrize("fmt", ["none", "k8v4"])
+@pytest.mark.parametrize("fmt", ["none", "k8v8", "k8v4", "k4v4"])
 @pytest.mark.parametrize("name", POLICIES)
 def test_pages_stay_within_the_reservation_and_all_return(name, fmt, monkeypatch):
     """Random lengths, chunking and aborts: a request never holds more pages than the
