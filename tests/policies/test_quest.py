@@ -64,3 +64,16 @@ def test_quest_evicts_nothing():
     policy = build_policy("quest", budget=0.1)
     assert not policy.evicts
     assert policy.layer_budgets(500, 3) == [500, 500, 500]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.integers(0, 5000), min_size=1, max_size=8),
+       budget=st.one_of(st.floats(0.01, 1.0), st.integers(16, 4096)),
+       size=st.sampled_from([1, 16, 32]))
+def test_pages_to_read_is_the_resolved_budget_in_pages(lens, budget, size):
+    from vllm_kvcompress.policies.base import resolve_budget
+
+    got = Quest(budget=budget).pages_to_read(torch.tensor(lens), size).tolist()
+    expected = [max(1, min(-(-n // size), -(-resolve_budget(budget, max(n, 1)) // size)))
+                for n in lens]
+    assert got == expected

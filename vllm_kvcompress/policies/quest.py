@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from vllm_kvcompress.policies import register
-from vllm_kvcompress.policies.base import LayerInputs, Policy, resolve_budget
+from vllm_kvcompress.policies.base import LayerInputs, Policy
 
 
 @register
@@ -39,11 +39,17 @@ class Quest(Policy):
         return torch.ones(inputs.keys.shape[:2], dtype=torch.bool)
 
     def pages_to_read(self, lens: torch.Tensor, page_size: int) -> torch.Tensor:
-        """[R] pages each row reads: the budget's tokens in whole pages, at least one."""
+        """[R] pages each row reads: the budget's tokens in whole pages, at least one.
+
+        Vectorised :func:`resolve_budget` (this runs every decode step).
+        """
         pages = -(-lens // page_size)
-        wanted = torch.tensor([-(-resolve_budget(self.budget, int(n)) // page_size)
-                               for n in lens.clamp_min(1).tolist()], dtype=pages.dtype)
-        return torch.minimum(pages, wanted.clamp_min(1))
+        if self.budget <= 1:
+            tokens = torch.ceil(lens.double() * self.budget).to(lens.dtype)
+        else:
+            tokens = torch.full_like(lens, int(self.budget))
+        tokens = torch.minimum(tokens, lens).clamp_min(1)
+        return torch.minimum(pages, -(-tokens // page_size)).clamp_min(1)
 
 
 def page_bounds(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
