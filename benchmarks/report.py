@@ -55,7 +55,7 @@ def fidelity_section(data: dict) -> list[str]:
             lines.append(f"| {name} | cannot run on this machine: {r['error']} | | | |")
         else:
             lines.append(f"| {name} | {r['kv_tokens']} | {100 * r['agreement']:.1f}% | "
-                         f"{r['kl']:.4f} | {r['prefix_tokens']:.0f} |")
+                         f"{max(r['kl'], 0.0):.4f} | {r['prefix_tokens']:.0f} |")  # float noise below 0
     lines += ["", "![fidelity](results/fidelity.png)"]
     return lines
 

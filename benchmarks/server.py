@@ -24,7 +24,8 @@ class ServerStartError(RuntimeError):
     def __init__(self, returncode: int, log_path: str, log_text: str) -> None:
         lines = log_text.splitlines()
         causes = [m.group(1) for line in lines
-                  if (m := re.search(r"\b(\w+(?:Error|Exception): .*)", line))
+                  if " WARNING " not in line  # e.g. vLLM's ulimit warning names an OSError
+                  and (m := re.search(r"\b(\w+(?:Error|Exception): .*)", line))
                   and "EngineDeadError" not in line and "See root cause" not in line]
         self.reason = causes[0] if causes else f"exit code {returncode}"
         errors = [line for line in lines if "Error" in line]
