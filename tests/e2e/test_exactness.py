@@ -54,7 +54,7 @@ def plain_tokens(default_model):
 
 
 @pytest.mark.parametrize(
-    "policy", ["snapkv", "h2o", pytest.param("streamingllm", marks=pytest.mark.slow)]
+    "policy", ["snapkv", *(pytest.param(p, marks=pytest.mark.slow) for p in ("h2o", "streamingllm"))]
 )
 def test_budget_covering_the_prompt_gives_plain_vllm_tokens(default_model, plain_tokens, policy):
     # 4096 tokens cover every prompt and its output: nothing is ever evicted.
@@ -88,6 +88,7 @@ def test_output_does_not_depend_on_the_batch(default_model, pyramid_url):
     assert together == alone
 
 
+@pytest.mark.slow  # about 5 minutes: 6 long requests twice, one run preempting
 def test_preempted_requests_recompute_to_the_same_tokens(default_model, pyramid_url):
     """Decode growth overflows a small KV space: vLLM preempts, recomputes, and the
     compressed prompt comes back the same."""

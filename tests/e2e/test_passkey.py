@@ -46,7 +46,8 @@ def full_cache(default_model, samples):
     return result
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv"])
+# PyramidKV and StreamingLLM take about 2 minutes each: slow (run with -m slow).
+@pytest.mark.parametrize("policy", ["snapkv", pytest.param("pyramidkv", marks=pytest.mark.slow)])
 def test_quarter_budget_finds_the_key_as_often_as_the_full_cache(
     default_model, samples, full_cache, policy
 ):
@@ -54,6 +55,7 @@ def test_quarter_budget_finds_the_key_as_often_as_the_full_cache(
     assert sum(result.values()) >= sum(full_cache.values()), (result, full_cache)
 
 
+@pytest.mark.slow
 def test_streamingllm_loses_the_middle(default_model, samples, full_cache):
     result = found(default_model, samples, "--kv-policy", "streamingllm", "--kv-budget", "0.25")
     assert not any(result[d] for d in MIDDLE), result
