@@ -14,13 +14,13 @@ results/accuracy.png (accuracy against budget, one line a policy).
 from __future__ import annotations
 
 import argparse
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
+from benchmarks.results import save
 from benchmarks.server import vllm_server
 from benchmarks.tasks import TASKS, score
 
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("results/accuracy.json"))
     args = parser.parse_args(argv)
     result = run(args.policies, args.budgets, args.tasks, args.context, args.kv_bytes)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    plot(result, args.out.with_suffix(".png"))
+    save(result, args.out, plot)
     for name, r in result["configs"].items():
         rel = "" if r["relative"] is None else f"  {100 * r['relative']:5.1f}% of full"
         print(f"{name:18} {r['correct']:3}/{r['total']}  {r['per_task']}{rel}")

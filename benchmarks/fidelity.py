@@ -30,13 +30,13 @@ Writes results/fidelity.json and results/fidelity.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
+from benchmarks.results import save
 from benchmarks.server import ServerStartError, kv_capacity_tokens, vllm_server
 from benchmarks.tasks import documents
 
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("results/fidelity.json"))
     args = parser.parse_args(argv)
     result = run(args.configs, args.context, args.prompts, args.tokens, args.kv_bytes)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    plot(result, args.out.with_suffix(".png"))
+    save(result, args.out, plot)
     for name, r in result["configs"].items():
         if "error" in r:
             print(f"{name:22} cannot run here: {r['error']}")

@@ -10,10 +10,11 @@ attention mass for H2O). Writes results/memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+
+from benchmarks.results import save
 
 from vllm_kvcompress.compressor import metadata_for
 from vllm_kvcompress.paging.formats import FORMAT_NAMES, page_format
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['token_bytes_bf16']:>8} {r['vs_bf16']:>8.3f} {r['vs_fp32']:>8.3f}")
     result = {"head_dim": args.head_dim, "layers": args.layers, "kv_heads": args.kv_heads,
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    save(result, args.out)
     return result
 
 

@@ -11,11 +11,12 @@ earlier layer's indices. Writes results/scoring.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results import save
 
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
 from vllm_kvcompress.paging.formats import page_format
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({row['vs_chunkkv_no_reuse']:.2f}x)  samples {row['samples']}")
     result = {"tokens": args.tokens, "layers": LAYERS, "threads": torch.get_num_threads(),
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    save(result, args.out)
     return result
 
 
