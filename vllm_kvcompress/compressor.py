@@ -15,7 +15,9 @@ keeps decode at budget then evicts the slots it ranks lowest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,6 +47,13 @@ class CompressionStats:
     reused_selections: int = 0  # layers that took an earlier layer's keep-mask unscored
     decode_tokens_held: int = 0  # token-heads decode attention could read...
     decode_tokens_read: int = 0  # ...and those it read (fewer with Quest)
+
+    def take(self) -> CompressionStats:
+        """The totals since the last call; counting starts again from zero."""
+        taken = replace(self)
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+        return taken
 
 
 class KVCompressor:
@@ -255,11 +264,12 @@ class KVCompressor:
             if budget >= prompt_len:
                 self._report(req, layer, np.full(len(rows), prompt_len))
                 continue
+            # Gathered at most once, and only when scoring or merging needs the keys.
+            inputs = functools.cache(lambda: self._inputs(layer, rows, prompt_len, window, scale))
             keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool)
-            chosen = self._select(slot, layer, rows, prompt_len, budget, window, scale)
+            chosen = self._select(slot, layer, budget, inputs)
             keep[:, :prompt_len] = chosen
-            merged = (self.policy.merge(self._inputs(layer, rows, prompt_len, window, scale), chosen)
-                      if self.policy.needs_counts else None)
+            merged = self.policy.merge(inputs(), chosen) if self.policy.needs_counts else None
             new_lens = self.store.compact(layer, rows, keep)
             if merged is not None:
                 self.store.rewrite(layer, rows, *merged)
@@ -276,7 +286,7 @@ class KVCompressor:
             layer=layer, num_layers=self.num_layers, scale=scale, attention_mass=mass,
         )
 
-    def _select(self, slot, layer, rows, prompt_len, budget, window, scale) -> torch.Tensor:
+    def _select(self, slot, layer, budget, inputs: Callable[[], LayerInputs]) -> torch.Tensor:
         """[H, prompt_len] keep-mask of one layer: scored, or reused from its source layer."""
         policy = self.policy
         shared = self._selections.setdefault(slot, {})
@@ -285,7 +295,7 @@ class KVCompressor:
             self.stats.reused_selections += 1
             keep = shared[source]
         else:
-            keep = policy.select(self._inputs(layer, rows, prompt_len, window, scale), budget)
+            keep = policy.select(inputs(), budget)
             if layer + 1 < self.num_layers and policy.selection_source(layer + 1) == layer:
                 shared[layer] = keep
         if layer == self.num_layers - 1:

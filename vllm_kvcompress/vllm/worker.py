@@ -48,8 +48,8 @@ class KVCompressRunnerMixin:
     def _kvcompress_config(self) -> KVCompressConfig:
         return KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
 
-    def _store_shape(self, spec, num_layers: int) -> StoreShape:
-        config = self._kvcompress_config()
+    @staticmethod
+    def _store_shape(config: KVCompressConfig, spec, num_layers: int) -> StoreShape:
         policy = config.build_policy()
         return StoreShape(
             num_layers=num_layers,
@@ -67,8 +67,9 @@ class KVCompressRunnerMixin:
         # slots really cost (quantized codes, scales, metadata), so a given KV space
         # holds as many blocks as our pages can back.
         specs = super().get_kv_cache_spec()
+        config = self._kvcompress_config()
         return {
-            name: replace(spec, state_content_bytes=self._store_shape(spec, 1).slot_bytes)
+            name: replace(spec, state_content_bytes=self._store_shape(config, spec, 1).slot_bytes)
             for name, spec in specs.items()
         }
 
@@ -85,7 +86,7 @@ class KVCompressRunnerMixin:
         parallel = self.vllm_config.parallel_config
         if parallel.pipeline_parallel_size != 1:
             raise ValueError("kvcompress does not support pipeline parallelism yet")
-        shape = self._store_shape(spec, len(groups[0].layer_names))
+        shape = self._store_shape(config, spec, len(groups[0].layer_names))
         total_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
         store = PagedKVStore(
             shape,
@@ -161,7 +162,7 @@ class KVCompressRunnerMixin:
         compressor = self.kvcompress
         store = compressor.store
         per_token = store.shape.num_layers * store.shape.num_kv_heads
-        stats = compressor.stats
+        stats = compressor.stats.take()
         kept_rows = compressor.take_kept_rows()
         result = WorkerStats(
             prompt_tokens=stats.prompt_tokens / per_token,
@@ -176,8 +177,6 @@ class KVCompressRunnerMixin:
             # scheduler keeps its bound, which covers every rank.
             kept_rows=kept_rows if self.vllm_config.parallel_config.tensor_parallel_size == 1 else {},
         )
-        stats.prompt_tokens = stats.evicted_tokens = 0
-        stats.decode_tokens_held = stats.decode_tokens_read = 0
         return result
 
 
