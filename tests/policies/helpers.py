@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -106,3 +107,53 @@ def assert_within_budget(uniform_heads: bool, keep: torch.Tensor, budget: int) -
         return
     assert (per_head <= min(num_tokens, num_heads * budget)).all(), per_head.tolist()
     assert int(per_head.sum()) <= num_heads * budget, per_head.tolist()
+
+
+def naive_window_votes(inputs: LayerInputs, kernel_size: int, pooling: str) -> list[list[float]]:
+    """SnapKV's vote by hand, unprotected: [H][T] floats.
+
+    Per query head, per window query, per key: softmax over the keys the query
+    sees; summed over the window queries, pooled over the prefix only, summed
+    over the query heads of each KV head.
+    """
+    keys = inputs.keys.double().tolist()
+    queries = inputs.window_queries.double().tolist()
+    num_kv_heads, num_tokens = len(keys), len(keys[0])
+    num_q_heads, observed = len(queries), len(queries[0])
+    group = num_q_heads // num_kv_heads
+    prefix = num_tokens - observed
+    radius = kernel_size // 2
+    scores = [[0.0] * num_tokens for _ in range(num_kv_heads)]
+    for qh in range(num_q_heads):
+        head_keys = keys[qh // group]
+        votes = [0.0] * num_tokens
+        for i in range(observed):
+            position = prefix + i
+            logits = [
+                inputs.scale * sum(map(operator.mul, queries[qh][i], head_keys[j]))
+                for j in range(position + 1)
+            ]
+            top = max(logits)
+            exps = [math.exp(x - top) for x in logits]
+            total = sum(exps)
+            for j in range(position + 1):
+                votes[j] += exps[j] / total
+        for t in range(num_tokens):
+            if t < prefix:
+                inside = votes[max(0, t - radius) : min(prefix, t + radius + 1)]
+                pooled = max(inside) if pooling == "max" else sum(inside) / kernel_size
+            else:
+                pooled = votes[t]
+            scores[qh // group][t] += pooled
+    return scores
+
+
+def naive_protected(num_tokens: int, observed: int, sink_tokens: int) -> list[bool]:
+    """The sinks and the observation window, which every SnapKV-style policy keeps."""
+    return [t < sink_tokens or t >= num_tokens - observed for t in range(num_tokens)]
+
+
+def budget_sweep(num_tokens: int) -> list[int]:
+    """Budgets worth checking for a prompt: tiny, around a third and two, just under and over it."""
+    third = num_tokens // 3 + 1
+    return sorted(b for b in {1, 5, 13, third, 2 * third, num_tokens - 1, num_tokens + 5} if b >= 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import pytest
 import torch
@@ -13,7 +12,13 @@ from vllm_kvcompress.policies.scoring import window_mass
 from vllm_kvcompress.policies.base import LayerInputs
 from vllm_kvcompress.policies.snapkv import SnapKV
 
-from .helpers import assert_scores_close, make_inputs
+from .helpers import (
+    assert_scores_close,
+    budget_sweep,
+    make_inputs,
+    naive_protected,
+    naive_window_votes,
+)
 
 INF = math.inf
 # Smallest relative gap at which a float32 decision must agree with the float64 reference.
@@ -21,41 +26,9 @@ CLEAR = 2e-5
 
 
 def naive_window_mass(inputs, kernel_size, pooling):
-    """Per query head, per window query, per key: softmax / W, pool the prefix, sum the group."""
-    keys = inputs.keys.double().tolist()
-    queries = inputs.window_queries.double().tolist()
-    num_kv_heads, num_tokens = len(keys), len(keys[0])
-    num_q_heads, observed = len(queries), len(queries[0])
-    group = num_q_heads // num_kv_heads
-    prefix = num_tokens - observed
-    radius = kernel_size // 2
-    mass = [[0.0] * num_tokens for _ in range(num_kv_heads)]
-    for qh in range(num_q_heads):
-        head_keys = keys[qh // group]
-        votes = [0.0] * num_tokens
-        for i in range(observed):
-            position = prefix + i
-            logits = [
-                inputs.scale * sum(map(operator.mul, queries[qh][i], head_keys[j]))
-                for j in range(position + 1)
-            ]
-            top = max(logits)
-            exps = [math.exp(x - top) for x in logits]
-            total = sum(exps)
-            for j in range(position + 1):
-                votes[j] += exps[j] / total / observed
-        for t in range(num_tokens):
-            if t < prefix:
-                inside = votes[max(0, t - radius) : min(prefix, t + radius + 1)]
-                pooled = max(inside) if pooling == "max" else sum(inside) / kernel_size
-            else:
-                pooled = votes[t]
-            mass[qh // group][t] += pooled
-    return mass
-
-
-def naive_protected(num_tokens, observed, sink_tokens):
-    return [t < sink_tokens or t >= num_tokens - observed for t in range(num_tokens)]
+    """The naive window vote as mass: every query head's votes sum to 1."""
+    observed = inputs.window_queries.shape[1]
+    return [[v / observed for v in row] for row in naive_window_votes(inputs, kernel_size, pooling)]
 
 
 def gap(above, below):
@@ -132,10 +105,7 @@ def test_adakv_matches_naive(case):
                 floor_ratio=floor_ratio,
             )
             assert_scores_close(policy.score(inputs), expected_scores)
-            third = num_tokens // 3 + 1
-            for budget in sorted({1, 5, 13, third, 2 * third, num_tokens - 1, num_tokens + 5}):
-                if budget < 1:
-                    continue
+            for budget in budget_sweep(num_tokens):
                 keep = policy.select(inputs, budget)
                 total = num_kv_heads * min(budget, num_tokens)
                 assert int(keep.sum()) == total

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from vllm_kvcompress.policies.chunkkv import ChunkKV
 
-from .helpers import make_inputs
+from .helpers import make_inputs, naive_window_votes
 
 
 def naive_votes(inputs) -> list[float]:
-    """Attention each key gets from the window queries, summed over every query head."""
-    keys, queries = inputs.keys.double(), inputs.window_queries.double()
-    num_kv_heads, num_tokens, _ = keys.shape
-    num_q_heads, observed, _ = queries.shape
-    group = num_q_heads // num_kv_heads
-    votes = [0.0] * num_tokens
-    for qh in range(num_q_heads):
-        for i in range(observed):
-            position = num_tokens - observed + i
-            logits = [inputs.scale * float(queries[qh, i] @ keys[qh // group, j])
-                      for j in range(position + 1)]
-            top = max(logits)
-            exps = [math.exp(x - top) for x in logits]
-            for j in range(position + 1):
-                votes[j] += exps[j] / sum(exps)
-    return votes
+    """Unpooled window votes summed over every KV head: one choice serves the whole layer."""
+    return [sum(column) for column in zip(*naive_window_votes(inputs, 1, "max"))]
 
 
 def naive_chunkkv(inputs, chunk_size: int, sink_tokens: int, budget: int) -> list[bool]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import pytest
 import torch
@@ -11,47 +10,23 @@ import torch
 from vllm_kvcompress.policies.base import LayerInputs
 from vllm_kvcompress.policies.snapkv import SnapKV
 
-from .helpers import assert_scores_close, assert_topk_mask, make_inputs
+from .helpers import (
+    assert_scores_close,
+    assert_topk_mask,
+    make_inputs,
+    naive_protected,
+    naive_window_votes,
+)
 
 INF = math.inf
 
 
 def naive_snapkv_scores(inputs, kernel_size, pooling, sink_tokens):
-    """SnapKV by hand: per query head, per window query, per key; then pool, fold, protect."""
-    keys = inputs.keys.double().tolist()
-    queries = inputs.window_queries.double().tolist()
-    num_kv_heads, num_tokens = len(keys), len(keys[0])
-    num_q_heads, observed = len(queries), len(queries[0])
-    group = num_q_heads // num_kv_heads
-    prefix = num_tokens - observed
-    radius = kernel_size // 2
-    scores = [[0.0] * num_tokens for _ in range(num_kv_heads)]
-    for qh in range(num_q_heads):
-        head_keys = keys[qh // group]
-        votes = [0.0] * num_tokens
-        for i in range(observed):
-            position = prefix + i
-            logits = [
-                inputs.scale * sum(map(operator.mul, queries[qh][i], head_keys[j]))
-                for j in range(position + 1)
-            ]
-            top = max(logits)
-            exps = [math.exp(x - top) for x in logits]
-            total = sum(exps)
-            for j in range(position + 1):
-                votes[j] += exps[j] / total
-        for t in range(num_tokens):
-            if t < prefix:  # pooled over prefix tokens only
-                inside = votes[max(0, t - radius) : min(prefix, t + radius + 1)]
-                pooled = max(inside) if pooling == "max" else sum(inside) / kernel_size
-            else:
-                pooled = votes[t]
-            scores[qh // group][t] += pooled
-    for head in scores:
-        for t in range(num_tokens):
-            if t < sink_tokens or t >= prefix:
-                head[t] = INF
-    return scores
+    """SnapKV by hand: the naive window vote, with the sinks and the window protected."""
+    observed = inputs.window_queries.shape[1]
+    protected = naive_protected(inputs.num_tokens, observed, sink_tokens)
+    return [[INF if p else v for v, p in zip(row, protected)]
+            for row in naive_window_votes(inputs, kernel_size, pooling)]
 
 
 CASES = [  # (H, G, T, D, window, kernel_size, pooling)
