@@ -85,6 +85,7 @@ def test_decode_budget_composes_quest_with_eviction():
 @pytest.mark.parametrize("kwargs, match", [
     ({"policy": "h2o", "decode_budget": 64}, "h2o accumulates attention"),
     ({"policy": "quest", "decode_budget": 64}, "already what decode reads"),
+    ({"policy": "pod", "decode_budget": 64}, "pod reads distant keys"),
     ({"policy": "snapkv", "decode_budget": 3}, "token count >= 16"),
 ])
 def test_decode_budget_rejections_say_why(kwargs, match):

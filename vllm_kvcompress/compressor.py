@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vllm_kvcompress.kernels.paged_attention import chunk_attention, decode_attention
-from vllm_kvcompress.paging.accounting import LayerPlan, plan_layers
+from vllm_kvcompress.paging.accounting import LayerPlan, plan_layers, shares_keys
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy
@@ -63,6 +63,9 @@ class KVCompressor:
                                      (policy is not None and policy.needs_attention_mass)):
             raise ValueError("Quest needs a store with key bounds and a policy that does not "
                              "accumulate attention mass")
+        if policy is not None and shares_keys(policy, store.shape.num_layers):
+            if store.value_lens is None or selector is not None:
+                raise ValueError("key sharing needs a store with value rows and no Quest selection")
         self.store = store
         self.policy = policy
         self.selector = selector  # Quest: which pages each decode step reads
@@ -173,8 +176,17 @@ class KVCompressor:
                 out[step.decode_tokens], tokens_read = read
                 self.stats.decode_tokens_read += tokens_read
                 return
+        keys, values, shared = self._gather(layer, rows.reshape(-1))
+        visible = None
+        if shared is not None:  # the shared-key tokens come first, then the row's own
+            first = int(shared.max())
+            slot = torch.arange(keys.shape[1])
+            visible = (slot < torch.from_numpy(shared).unsqueeze(1)) | (
+                (slot >= first) & (slot < first + lens.view(-1, 1)))
+            visible = visible.view(batch, heads, -1)
+            held += int(shared.sum())
+            self.stats.decode_tokens_held += int(shared.sum())
         self.stats.decode_tokens_read += held
-        keys, values = self.store.gather(layer, rows.reshape(-1))
         counts = None
         if "count" in self.store.parts:
             counts = self.store.gather_slot_metadata(layer, rows.reshape(-1), "count")
@@ -182,11 +194,27 @@ class KVCompressor:
         result, mass = decode_attention(
             query[step.decode_tokens], keys.view(batch, heads, *keys.shape[1:]),
             values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
-            counts=counts,
+            visible=visible, counts=counts,
         )
         out[step.decode_tokens] = result
         if mass is not None:
             self.store.add_mass(layer, rows.reshape(-1), mass.flatten(0, 1))
+
+    def _gather(self, layer, rows) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """K, V [R, T, D] that ``rows`` attend: their own slots, after the tokens
+        whose keys the key-source layer holds (PoD), whose counts come third
+        (``None`` when the layer shares no keys)."""
+        keys, values = self.store.gather(layer, rows)
+        value_lens = self.store.value_lens
+        if value_lens is None or not value_lens[layer, rows].any():
+            return keys, values, None
+        shared = value_lens[layer, rows]
+        count, start = int(shared.max()), self.policy.sink_tokens
+        # The source row holds the same distant tokens, in the same order, after its sinks.
+        shared_keys = self.store.gather(self.policy.key_source(layer), rows)[0][:, start:start + count]
+        shared_values = self.store.gather_values(layer, rows)[:, :count]
+        return (torch.cat([shared_keys, keys], dim=1), torch.cat([shared_values, values], dim=1),
+                shared)
 
     def _attend_selected(self, layer, rows, query, lens, scale):
         """Quest: attend over each row's top pages only; ``None`` when every page is read."""
@@ -222,7 +250,9 @@ class KVCompressor:
             # Nothing cached yet: attend the chunk's own keys, skip the gather.
             keys, values = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
         else:
-            keys, values = self.store.gather(layer, rows)
+            keys, values, shared = self._gather(layer, rows)
+            if shared is not None:  # one request: every head shares as many, all in front
+                lens_before = lens_before + shared
         result, mass = chunk_attention(
             query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass
         )
@@ -263,6 +293,7 @@ class KVCompressor:
             self.stats.prompt_tokens += prompt_len * len(rows)
             if budget >= prompt_len:
                 self._report(req, layer, np.full(len(rows), prompt_len))
+                self._share_keys(layer, rows, plan)
                 continue
             # Gathered at most once, and only when scoring or merging needs the keys.
             inputs = functools.cache(lambda: self._inputs(layer, rows, prompt_len, window, scale))
@@ -275,6 +306,12 @@ class KVCompressor:
                 self.store.rewrite(layer, rows, *merged)
             self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
             self._report(req, layer, new_lens - (req.total_after - prompt_len))
+            self._share_keys(layer, rows, plan)
+
+    def _share_keys(self, layer: int, rows: np.ndarray, plan: LayerPlan) -> None:
+        """PoD: keep only the values of the distant tokens whose keys the source layer holds."""
+        if plan.shared is not None and plan.shared[layer]:
+            self.store.move_values(layer, rows, self.policy.sink_tokens, plan.shared[layer])
 
     def _inputs(self, layer, rows, prompt_len, window, scale) -> LayerInputs:
         keys, values = self.store.gather(layer, rows)

@@ -87,6 +87,10 @@ class KVCompressConfig(BaseModel):
         if self.quest_budget is not None and self.policy == "h2o":
             raise ValueError("h2o accumulates attention over every cached token, so it cannot "
                              "read only Quest's pages; choose another policy or drop decode_budget")
+        if self.quest_budget is not None and self.policy == "pod":
+            raise ValueError("pod reads distant keys from another layer's pages, which Quest's "
+                             "page selection does not follow; choose another policy or drop "
+                             "decode_budget")
         return self
 
     @field_validator("page_size")

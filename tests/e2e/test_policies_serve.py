@@ -1,7 +1,7 @@
 """Every policy of the research serves through ``vllm serve --kv-policy NAME`` and holds
 what it claims: while a long request decodes, the worker's page pool holds about
 ``budget`` of its tokens (evicting policies) or all of them while decode reads
-``budget`` (Quest). Slow: one server per policy (run with ``-m slow``)."""
+``budget`` (Quest), and PoD's pages hold its tokens for less than a slot each. Slow: one server per policy (run with ``-m slow``)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,14 @@ def test_quest_keeps_everything_and_reads_its_budget(default_model):
         seen = during_decode(url, default_model, "quest")
     assert seen and seen["kept"] == pytest.approx(seen["logical"], abs=2)
     assert seen["read"] < 0.35 * seen["held"], seen
+
+
+def test_pod_pages_hold_shared_key_tokens_at_half_a_slot(default_model):
+    """Half the layers keep only the values of their distant tokens: the pool's pages
+    back clearly fewer token slots than the tokens held (SnapKV's would back more)."""
+    with vllm_server(default_model, "--kv-policy", "pod", "--kv-budget", "0.25") as url:
+        seen = during_decode(url, default_model, "pod")
+    assert seen["kept"] <= 0.25 * seen["logical"] + 200, seen
+    # Default model: 30 layers x 3 KV heads; default page size 16.
+    slots = seen["pages_used"] * 16 / (30 * 3)
+    assert slots < 0.85 * seen["kept"], seen

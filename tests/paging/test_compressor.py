@@ -8,7 +8,8 @@ import torch
 
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
 from vllm_kvcompress.paging.formats import page_format
-from vllm_kvcompress.paging.accounting import request_pages_bound, plan_layers
+from vllm_kvcompress.paging.accounting import (pages_for, plan_layers, request_pages_bound,
+                                                shares_keys)
 from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 from vllm_kvcompress.policies import build_policy, policy_names
@@ -19,7 +20,7 @@ LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
 
 def make(policy=None, page_size=4, num_pages=4096, max_requests=8, max_tokens=512, fmt="none"):
     shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
-                       metadata_for(policy))
+                       metadata_for(policy), value_rows=shares_keys(policy, LAYERS))
     store = PagedKVStore(shape, num_pages, max_requests, max_tokens)
     return KVCompressor(store, policy, KV_HEADS * GROUP)
 
@@ -110,8 +111,11 @@ def test_quantized_pages_approximate_dense_attention(fmt):
 
 
 def held_pages(comp: KVCompressor, slot: int, page_size: int) -> int:
-    rows = comp.store.rows(slot)
-    return sum(int(np.ceil(comp.store.lens[l, rows] / page_size).sum()) for l in range(LAYERS))
+    rows, store = comp.store.rows(slot), comp.store
+    pages = sum(int(np.ceil(store.lens[l, rows] / page_size).sum()) for l in range(LAYERS))
+    if store.value_lens is not None:  # values-only rows: two values a slot
+        pages += sum(pages_for(int(n), 2 * page_size) for n in store.value_lens[:, rows].ravel())
+    return pages
 
 
 POLICIES = [name for name in policy_names() if name != "none" and build_policy(name).evicts]
@@ -309,3 +313,82 @@ def test_spindlekv_decode_weighs_merged_entries_by_their_counts(fmt):
     expected = torch.einsum("hgt,htd->hgd", weights, values).reshape(-1, DIM)
     tol = {"atol": 1e-9, "rtol": 0} if fmt == "none" else {"atol": FORMAT_TOLERANCE[fmt], "rtol": 0}
     torch.testing.assert_close(outs[0][0], expected, **tol)
+
+
+def kept_positions(keys: torch.Tensor, originals: torch.Tensor) -> list[int]:
+    """Prompt positions of the stored keys [T, D], matched against the originals [P, D]."""
+    return torch.cdist(keys, originals).argmin(dim=1).tolist()
+
+
+@pytest.mark.parametrize("budget", [0.25, 1.0])
+def test_pod_attends_distant_tokens_with_the_first_layers_keys(budget):
+    """Layer 1 keeps layer 0's tokens; its distant ones are stored as values only and
+    decode reads them with layer 0's keys, its sinks and window with its own."""
+    policy = build_policy("pod", budget=budget, window=4, sink_tokens=2, group_size=2)
+    page_size, prompt, scale = 4, 120, DIM ** -0.5
+    comp = make(policy, page_size=page_size)
+    seq = Sequence("r0", prompt, prompt + 1, torch.Generator().manual_seed(11))
+    for start, count in ((0, prompt), (prompt, 1)):
+        comp.begin_step([StepRequest("r0", start, count, prompt)])
+        outs = [comp.forward_layer(layer, seq.q[layer, start:start + count],
+                                   seq.k[layer, start:start + count],
+                                   seq.v[layer, start:start + count], scale)
+                for layer in range(LAYERS)]
+        comp.end_step()
+    store, rows = comp.store, comp.store.rows(comp.store.slot_of("r0"))
+    kept = plan_layers(policy, prompt, LAYERS).kept[0]
+    distant = kept - 2 - 4
+    assert (store.lens[0, rows] == kept + 1).all()
+    assert (store.lens[1, rows] == kept - distant + 1).all()
+    assert (store.value_lens[1, rows] == distant).all() and not store.value_lens[0].any()
+    for h, row in enumerate(rows):
+        keys0, _ = store.gather(0, row[None])
+        positions = kept_positions(keys0[0, :kept], seq.k[0, :prompt, h])
+        far = positions[2:2 + distant]
+        near = positions[:2] + positions[-4:] + [prompt]
+        keys = torch.cat([seq.k[0, far, h], seq.k[1, near, h]])
+        values = torch.cat([seq.v[1, far, h], seq.v[1, near, h]])
+        q = seq.q[1, prompt, h * GROUP:(h + 1) * GROUP]
+        expected = torch.softmax(q @ keys.T * scale, -1) @ values
+        torch.testing.assert_close(outs[1][0, h * GROUP:(h + 1) * GROUP], expected)
+    # What the scheduler reserves is what the pool holds.
+    assert store.pool.num_used == held_pages(comp, store.slot_of("r0"), page_size) == \
+        request_pages_bound(policy, plan_layers(policy, prompt, LAYERS), LAYERS, KV_HEADS,
+                            page_size, prompt, prompt, prompt + 1)
+    comp.release(["r0"])
+    assert store.pool.num_used == 0
+
+
+@pytest.mark.parametrize("fmt", ["none", "k8v8", "k8v4", "k4v4"])
+def test_values_moved_to_value_rows_read_back(fmt):
+    """move_values keeps each value (bit-exact in the value half, re-encoded with the key's
+    bits in the key half) and frees the moved slots of the row."""
+    page_size = 4
+    shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
+                       value_rows=True)
+    store = PagedKVStore(shape, 256, 2, 64)
+    store.open("r0")
+    rows = store.rows(0)
+    gen = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(37, KV_HEADS, DIM, generator=gen, dtype=torch.float64) for _ in range(2))
+    store.reserve(rows, np.full(KV_HEADS, 37))
+    grid = np.repeat(np.arange(37)[:, None], KV_HEADS, axis=1)
+    store.write(1, np.tile(rows, (37, 1)), grid, k, v, torch.arange(37))
+    store.lens[:, rows] = 37  # layer 0 holds zeros
+    keys_before, values_before = store.gather(1, rows)
+    store.move_values(1, rows, start=3, count=21)
+    assert (store.lens[1, rows] == 16).all() and (store.value_lens[1, rows] == 21).all()
+    keys_after, values_after = store.gather(1, rows)
+    kept = list(range(3)) + list(range(24, 37))
+    torch.testing.assert_close(keys_after[:, :16], keys_before[:, kept], atol=0, rtol=0)
+    torch.testing.assert_close(values_after[:, :16], values_before[:, kept], atol=0, rtol=0)
+    moved = store.gather_values(1, rows)[:, :21]
+    first = page_size  # each value page's first half keeps the stored bytes
+    torch.testing.assert_close(moved[:, :first], values_before[:, 3:3 + first], atol=0, rtol=0)
+    # Half an 8-bit step of |v| <= 4 (k8v4 re-encodes a 4-bit value at 8 bits); 4 bits re-round.
+    tol = {"none": 0, "k8v8": 0.02, "k8v4": 0.02, "k4v4": 0.25}[fmt]
+    torch.testing.assert_close(moved, values_before[:, 3:24], atol=tol, rtol=0)
+    layer1 = -(-16 // page_size) + -(-21 // (2 * page_size))
+    assert store.pool.num_used == KV_HEADS * (-(-37 // page_size) + layer1)
+    store.close("r0")
+    assert store.pool.num_used == 0

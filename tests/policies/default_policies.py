@@ -13,6 +13,7 @@ from vllm_kvcompress.policies.base import Policy
 from vllm_kvcompress.policies.chunkkv import ChunkKV
 from vllm_kvcompress.policies.h2o import H2O
 from vllm_kvcompress.policies.leankv import LeanKV
+from vllm_kvcompress.policies.pod import PoD
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.spindlekv import SpindleKV
@@ -36,6 +37,9 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (ChunkKV, {}),
     (ChunkKV, {"chunk_size": 1, "reuse_layers": 3, "window": 8}),
     (ChunkKV, {"chunk_size": 32, "reuse_layers": 2, "budget": 0.5, "sink_tokens": 0}),
+    (PoD, {}),
+    (PoD, {"group_size": 3, "window": 8, "kernel_size": 1}),
+    (PoD, {"group_size": 1, "budget": 0.5, "sink_tokens": 0}),
     (SpindleKV, {}),
     (SpindleKV, {"shallow_layers": 1.0, "similarity": -1.0, "window": 8}),
     (SpindleKV, {"shallow_layers": 0.0, "budget": 0.5, "sink_tokens": 0}),

@@ -35,6 +35,9 @@ class LayerPlan:
     cap: tuple[int, ...]  # decode-capped policies: tokens per KV head held during decode
     uniform: bool = True
     rows: tuple[tuple[int, ...], ...] | None = None  # exact [layer][head] counts, when reported
+    # Of ``kept``, the distant tokens whose keys another layer holds (PoD): stored
+    # as values only, two to a slot, in the layer's value rows.
+    shared: tuple[int, ...] | None = None
 
     def with_rows(self, rows) -> LayerPlan:
         return replace(self, rows=tuple(tuple(int(c) for c in layer) for layer in rows))
@@ -53,7 +56,19 @@ def plan_layers(policy: Policy, prompt_len: int, num_layers: int) -> LayerPlan:
     budgets = policy.layer_budgets(max(reference_len, 1), num_layers)
     cap = tuple(max(b, floor) for b in budgets)
     kept = tuple(min(prompt_len, c) for c in cap)
-    return LayerPlan(kept=kept, cap=cap, uniform=policy.uniform_heads)
+    shared = None
+    if shares_keys(policy, num_layers):
+        if policy.decode_capped or not policy.uniform_heads:
+            raise ValueError("key sharing needs uniform heads and no decode-time eviction")
+        # The sinks and the window are kept (protected) and keep their own keys.
+        shared = tuple(max(0, k - floor) if policy.key_source(layer) != layer else 0
+                       for layer, k in enumerate(kept))
+    return LayerPlan(kept=kept, cap=cap, uniform=policy.uniform_heads, shared=shared)
+
+
+def shares_keys(policy: Policy | None, num_layers: int) -> bool:
+    """Whether some layer reads keys from another (PoD): the store needs value rows."""
+    return policy is not None and any(policy.key_source(i) != i for i in range(num_layers))
 
 
 def layer_pages_bound(
@@ -67,11 +82,18 @@ def layer_pages_bound(
     total_after: int,
 ) -> int:
     """Upper bound of the pages one layer of a request holds during a step."""
+    shared = plan.shared[layer] if plan is not None and plan.shared is not None else 0
+    # A shared-key layer holds its distant tokens' values two to a slot, apart from its row.
+    value_pages = num_kv_heads * pages_for(shared, 2 * page_size)
+    generated = total_after - prompt_len
     if plan is None or computed_before < prompt_len:
         # Prefill (or the step that ends it) holds the full sequence until
         # the layer is compressed at the end of its forward.
-        return num_kv_heads * pages_for(total_after, page_size)
-    generated = total_after - prompt_len
+        full = num_kv_heads * pages_for(total_after, page_size)
+        if shared and generated >= 0:  # page rounding may make the split layout larger
+            split = pages_for(plan.kept[layer] - shared + generated, page_size)
+            full = max(full, num_kv_heads * split + value_pages)
+        return full
     num_new = total_after - computed_before
     if plan.rows is not None:
         counts = [c + generated for c in plan.rows[layer]]
@@ -85,7 +107,7 @@ def layer_pages_bound(
         return (total + num_kv_heads * (page_size - 1)) // page_size
     if policy.decode_capped:
         counts = [min(c, plan.cap[layer] + num_new) for c in counts]
-    return sum(pages_for(c, page_size) for c in counts)
+    return sum(pages_for(c - shared, page_size) for c in counts) + value_pages
 
 
 def pages_for(tokens: int, page_size: int) -> int:

@@ -6,6 +6,12 @@ Layout (one store per worker / tensor-parallel rank)::
     tables       [L, max_requests * H, max_pages_per_row]   page ids of every row
     lens         [L, max_requests * H]            tokens held by every row (host)
 
+Layers that read their distant tokens' keys from another layer (PoD) keep those
+tokens' values in *value rows* of their own, ``value_tables`` / ``value_lens``,
+two values to a slot: the first ``page_size`` of a page in its value
+components, the next ``page_size`` in its key components (in the key's
+format, which never has fewer bits), so a value costs half a slot.
+
 A slot's components come from its page format (``paging.formats``): K and V in
 the model dtype, or quantized codes with per-token scales (K8V4 ...), plus
 the slot metadata the policy needs (``pos``: logical position, ``mass``:
@@ -57,6 +63,7 @@ class StoreShape:
     format: PageFormat = field(default_factory=lambda: page_format("none"))
     metadata: tuple[str, ...] = ()
     key_bounds: bool = False  # per-page min/max of the keys (Quest's page selection)
+    value_rows: bool = False  # values-only rows of shared-key tokens (PoD)
 
     def components(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         parts = dict(self.format.components(self.head_dim, self.dtype))
@@ -116,6 +123,10 @@ class PagedKVStore:
             device=device,
         )
         self.lens = np.zeros((layers, max_requests * heads), dtype=np.int64)
+        self.value_tables = self.value_lens = None
+        if shape.value_rows:
+            self.value_tables = torch.zeros_like(self.tables[:, :, :pages_for(self.max_pages_per_row, 2)])
+            self.value_lens = np.zeros_like(self.lens)
         self._slots: dict[str, int] = {}
         self._free_slots = list(range(max_requests - 1, -1, -1))
 
@@ -144,6 +155,11 @@ class PagedKVStore:
         rows = self.rows(slot)
         for layer in range(self.shape.num_layers):
             self._free_tail(layer, rows, np.zeros(len(rows), dtype=np.int64))
+            if self.value_lens is not None and self.value_lens[layer, rows].any():
+                width = -(-self.value_lens[layer, rows] // (2 * self.shape.page_size))
+                held = torch.from_numpy(np.arange(int(width.max())) < width[:, None])
+                self.pool.free(self.value_tables[layer, torch.from_numpy(rows), :held.shape[1]][held])
+                self.value_lens[layer, rows] = 0
         self._free_slots.append(slot)
 
     @property
@@ -300,6 +316,54 @@ class PagedKVStore:
         target.index_put_((pages,), mass.view(len(rows), width, size).to(target.dtype),
                           accumulate=True)
 
+    # -- values-only rows (shared keys) ---------------------------------------
+    def move_values(self, layer: int, rows: np.ndarray, start: int, count: int) -> None:
+        """Move the values of slots ``[start, start + count)`` of ``rows`` to their
+        (empty) value rows and drop those slots, keys included, from ``rows``.
+
+        The value half of a value page gets the stored bytes as they are; the
+        key half re-encodes the value in the key's format (exact for
+        unquantized pages, within the stored scale's rounding otherwise).
+        """
+        if count <= 0:
+            return
+        size, fmt = self.shape.page_size, self.shape.format
+        grid_rows = np.repeat(rows, count)
+        pages, offsets = self._locate(layer, grid_rows, np.tile(np.arange(start, start + count), len(rows)))
+        stored = {name: self.parts[name][pages, offsets].clone()
+                  for name in self._kv_names if name.startswith("v")}
+        keep = torch.ones(len(rows), int(self.lens[layer, rows].max()), dtype=torch.bool)
+        keep[:, start:start + count] = False
+        self.compact(layer, rows, keep)  # frees pages before the value pages are taken
+        width = pages_for(count, 2 * size)
+        new_pages = self.pool.allocate(width * len(rows))
+        if new_pages is None:
+            raise RuntimeError("page pool exhausted moving values: the reservation did not cover it")
+        self.value_tables[layer, torch.from_numpy(rows), :width] = new_pages.view(len(rows), width).to(
+            self.value_tables.dtype).to(self.device)
+        self.value_lens[layer, rows] = count
+        index = np.tile(np.arange(count), len(rows))
+        dst = self.value_tables[layer, torch.from_numpy(grid_rows), torch.from_numpy(index // (2 * size))].long()
+        within = torch.from_numpy(index % (2 * size)).to(self.device)
+        low = within < size  # the page's value half; the rest go to its key half
+        for name, part in stored.items():
+            self.parts[name][dst[low], within[low]] = part[low]
+        recoded = encode(fmt, "k", decode(fmt, "v", stored, self.shape.dtype)[~low])
+        for name, part in recoded.items():
+            self.parts[name][dst[~low], within[~low] - size] = part.to(self.parts[name].dtype)
+
+    def gather_values(self, layer: int, rows: np.ndarray) -> torch.Tensor:
+        """Values of the value rows of ``rows`` as [R, T, D] (pad past ``value_lens``)."""
+        size, fmt, dtype = self.shape.page_size, self.shape.format, self.shape.dtype
+        width = max(1, pages_for(int(self.value_lens[layer, rows].max()), 2 * size))
+        pages = self.value_tables[layer, torch.from_numpy(rows), :width].long()
+        halves = [
+            decode(fmt, side, {name: self.parts[name][pages]
+                               for name in self._kv_names if name.startswith(side)}, dtype)
+            for side in ("v", "k")
+        ]
+        return torch.cat(halves, dim=2).flatten(1, 2)  # [R, width, 2P, D] -> [R, T, D]
+
     # -- eviction ------------------------------------------------------------
     def compact(self, layer: int, rows: np.ndarray, keep: torch.Tensor) -> np.ndarray:
         """Keep the slots marked in ``keep`` [R, T] (in order), free emptied pages.
@@ -345,4 +409,6 @@ class PagedKVStore:
 
     # -- statistics --------------------------------------------------------
     def tokens_held(self) -> int:
-        return int(self.lens.sum())
+        """Token-heads stored, values-only ones included."""
+        shared = 0 if self.value_lens is None else int(self.value_lens.sum())
+        return int(self.lens.sum()) + shared

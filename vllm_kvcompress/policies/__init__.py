@@ -41,6 +41,7 @@ def _load_builtin() -> None:
         chunkkv,
         h2o,
         leankv,
+        pod,
         pyramidkv,
         quest,
         snapkv,

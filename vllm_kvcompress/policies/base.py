@@ -132,6 +132,16 @@ class Policy(ABC):
         """
         return layer
 
+    def key_source(self, layer: int) -> int:
+        """Layer whose keys serve the distant tokens of ``layer`` (PoD's key sharing).
+
+        A layer other than itself (always an earlier one that reuses the same
+        selection) keeps only the values of its distant tokens, the kept prompt
+        tokens between the sinks and the observation window; attention reads
+        their keys from the source layer's row.
+        """
+        return layer
+
     def merge(self, inputs: LayerInputs, keep: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Replacement keys, values [H, K, D] and counts [H, K] for the kept tokens, or ``None``.

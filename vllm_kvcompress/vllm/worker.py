@@ -21,8 +21,9 @@ from vllm.logger import init_logger
 
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.paging.step import StepRequest
+from vllm_kvcompress.paging.accounting import shares_keys
 from vllm_kvcompress.paging.formats import page_format
+from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 from vllm_kvcompress.vllm.metrics import STATS_KEY, WorkerStats
 
@@ -60,6 +61,7 @@ class KVCompressRunnerMixin:
             format=page_format(config.page_format),
             metadata=metadata_for(policy),
             key_bounds=config.quest_budget is not None,
+            value_rows=shares_keys(policy, num_layers),
         )
 
     def get_kv_cache_spec(self):

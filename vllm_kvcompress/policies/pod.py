@@ -1,0 +1,39 @@
+"""PoD (Ma et al., 2024): proximal tokens keep their own KV, distant ones share keys across layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vllm_kvcompress.policies import register
+from vllm_kvcompress.policies.snapkv import SnapKV
+
+
+@register
+@dataclass
+class PoD(SnapKV):
+    """SnapKV's selection, made once per group of ``group_size`` adjacent layers.
+
+    Proximal tokens (the sinks and the observation window) keep their own keys
+    and values in every layer. The distant tokens the group's first layer keeps
+    are kept by the whole group, but only that first layer stores their keys:
+    the others store values alone and attend with the first layer's keys,
+    because adjacent layers attend to distant tokens alike. The paper
+    post-trains the model to share keys; this is the training-free variant,
+    whose accuracy cost is measured in the README, not assumed.
+    """
+
+    name: ClassVar[str] = "pod"
+
+    group_size: int = 2  # adjacent layers sharing one selection and the distant keys
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+    def selection_source(self, layer: int) -> int:
+        return layer - layer % self.group_size
+
+    def key_source(self, layer: int) -> int:
+        return layer - layer % self.group_size
