@@ -1,0 +1,58 @@
+"""The compressor serving decode through the Triton kernel (in place, no gather), on CPU
+under Triton's interpreter: same outputs as dense attention and as the torch path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.kernels.conftest import INTERPRET
+from vllm_kvcompress.compressor import KVCompressor, metadata_for
+from vllm_kvcompress.paging.formats import page_format
+from vllm_kvcompress.paging.step import StepRequest
+from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
+from vllm_kvcompress.policies import build_policy
+
+LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
+
+
+def compressor(policy, fmt: str, triton_decode: bool) -> KVCompressor:
+    shape = StoreShape(LAYERS, KV_HEADS, DIM, 4, torch.float32, page_format(fmt),
+                       metadata_for(policy))
+    return KVCompressor(PagedKVStore(shape, 512, 4, 128), policy, KV_HEADS * GROUP,
+                        triton_decode=triton_decode)
+
+
+@pytest.mark.parametrize("fmt", ["none", "k8v4"])
+@pytest.mark.parametrize("name", [None, "snapkv", "spindlekv"])
+def test_kernel_decode_matches_the_torch_path(name, fmt):
+    """Two requests of different lengths, prefill then a few decode steps, compressed
+    (snapkv), with merged counts (spindlekv) or not at all."""
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("Triton cannot run here")
+    policy = None if name is None else build_policy(name, budget=0.5, window=4, sink_tokens=2)
+    paths = [compressor(policy, fmt, triton_decode=flag) for flag in (False, True)]
+    gen = torch.Generator().manual_seed(0)
+    prompts = {"a": 37, "b": 9}
+    total = {r: n + 4 for r, n in prompts.items()}
+    q = {r: torch.randn(LAYERS, t, KV_HEADS * GROUP, DIM, generator=gen) for r, t in total.items()}
+    k = {r: torch.randn(LAYERS, t, KV_HEADS, DIM, generator=gen) for r, t in total.items()}
+    v = {r: torch.randn(LAYERS, t, KV_HEADS, DIM, generator=gen) for r, t in total.items()}
+    steps = [[StepRequest(r, 0, n, n) for r, n in prompts.items()]] + [
+        [StepRequest(r, n + i, 1, n) for r, n in prompts.items()] for i in range(4)]
+    for reqs in steps:
+        outs = []
+        for comp in paths:
+            comp.begin_step(reqs)
+            outs.append([comp.forward_layer(
+                layer,
+                torch.cat([q[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
+                torch.cat([k[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
+                torch.cat([v[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
+                DIM ** -0.5) for layer in range(LAYERS)])
+            comp.end_step()
+        for torch_out, kernel_out in zip(*outs):
+            torch.testing.assert_close(kernel_out, torch_out, atol=2e-5, rtol=2e-5)
+    assert np.array_equal(paths[0].store.lens, paths[1].store.lens)
+    assert paths[1]._paged_decode is not None and paths[0]._paged_decode is None

@@ -1,0 +1,65 @@
+"""Triton kernels over the page store, each beside a torch reference of the same signature.
+
+* ``paged_decode``: decode attention reading the pages in any format (split-K);
+* ``quantize_into``: quantize-and-pack K or V into page slots;
+* ``window_scores``: observation-window scoring (softmax over keys, GQA sum);
+* ``quest_page_bounds`` / ``quest_select``: Quest's page bounds and top pages.
+
+Triton decides when a kernel is *decorated*, i.e. when this package is first
+imported, whether it compiles for the GPU or runs in its CPU interpreter
+(``TRITON_INTERPRET=1``). So import it lazily, where a kernel is about to be
+used; :func:`available` says whether the kernels can run in this process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+except ModuleNotFoundError:  # CPU-only installs may lack it: the torch path serves
+    triton = None
+
+__all__ = ["available"]
+
+if triton is not None:
+    from vllm_kvcompress.kernels.triton.decode import paged_decode, paged_decode_reference
+    from vllm_kvcompress.kernels.triton.quantize import quantize_into, quantize_into_reference
+    from vllm_kvcompress.kernels.triton.quest import (
+        quest_page_bounds,
+        quest_page_bounds_reference,
+        quest_select,
+        quest_select_reference,
+    )
+    from vllm_kvcompress.kernels.triton.window_scores import (
+        window_scores,
+        window_scores_reference,
+    )
+
+    def _interpreted() -> bool:
+        """Whether the kernels above, and Triton's own jit helpers they call, run interpreted.
+
+        Read at import: both were decorated then. Helpers of a Triton imported
+        before the variable was set are compiled ones, which the interpreter cannot call.
+        """
+        if not triton.knobs.runtime.interpret:
+            return False
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(triton.language.standard.cdiv, InterpretedFunction)
+
+    _INTERPRETED = _interpreted()
+    __all__ += [
+        "paged_decode", "paged_decode_reference",
+        "quantize_into", "quantize_into_reference",
+        "quest_page_bounds", "quest_page_bounds_reference",
+        "quest_select", "quest_select_reference",
+        "window_scores", "window_scores_reference",
+    ]
+else:
+    _INTERPRETED = False
+
+
+def available() -> bool:
+    """True when the kernels can run: Triton imports and a CUDA device or its interpreter is on."""
+    return triton is not None and (torch.cuda.is_available() or _INTERPRETED)
