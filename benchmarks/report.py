@@ -61,20 +61,31 @@ def fidelity_section(data: dict) -> list[str]:
 
 
 def accuracy_section(data: dict) -> list[str]:
-    tasks = data["tasks"]
+    tasks, configs = data["tasks"], data["configs"]
+    budgets = sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
+    full = configs["full"]
     lines = [
         "### Long-context accuracy",
         "",
         f"`python -m benchmarks.accuracy` ({' and '.join(tasks)}, {data['samples_per_task']} "
-        f"prompts each of ~{data['context_tokens']} tokens; plain vLLM's full cache in the same run)",
+        f"prompts each of ~{data['context_tokens']} tokens; plain vLLM's full cache in the same "
+        f"run: {full['correct']}/{full['total']}). A cell: correct answers "
+        f"({' + '.join(tasks)}) and the share of the full cache's.",
         "",
-        "| configuration | " + " | ".join(tasks) + " | correct | vs full cache |",
-        "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |",
+        "| policy | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
+        "| --- | " + " | ".join("---:" for _ in budgets) + " |",
     ]
-    for name, r in data["configs"].items():
-        rel = "" if r["relative"] is None else f"{100 * r['relative']:.0f}%"
-        cells = " | ".join(f"{r['per_task'][t]}/{data['samples_per_task']}" for t in tasks)
-        lines.append(f"| {name} | {cells} | {r['correct']}/{r['total']} | {rel} |")
+    for policy in dict.fromkeys(n.split("@")[0] for n in configs if "@" in n):
+        cells = []
+        for b in budgets:
+            r = configs.get(f"{policy}@{b}") or configs.get(f"{policy}@{b:g}")
+            if r is None:
+                cells.append("")
+                continue
+            split = " + ".join(str(r["per_task"][t]) for t in tasks)
+            rel = "" if r["relative"] is None else f" ({100 * r['relative']:.0f}%)"
+            cells.append(f"{r['correct']}/{r['total']} = {split}{rel}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy](results/accuracy.png)"]
     return lines
 
@@ -94,8 +105,26 @@ def scoring_section(data: dict) -> list[str]:
     return lines
 
 
+def kernels_section(data: dict) -> list[str]:
+    methods = [k for k in data["rows"][0] if isinstance(data["rows"][0][k], dict)]
+    lines = [
+        "### Decode step of one layer",
+        "",
+        f"`python -m benchmarks.kernels` on {data['device']} ({data['threads']} threads, "
+        f"{data['dtype']}, {data['kv_heads']} KV heads x {data['group']} query heads, head_dim "
+        f"{data['head_dim']}, pages of {data['page_size']}); ms per step",
+        "",
+        "| context | batch | " + " | ".join(methods) + " |",
+        "| ---: | ---: | " + " | ".join("---:" for _ in methods) + " |",
+    ]
+    for r in data["rows"]:
+        cells = " | ".join(f"{r[m]['ms']:.2f}" if m in r else "" for m in methods)
+        lines.append(f"| {r['context']} | {r['batch']} | {cells} |")
+    return lines
+
+
 SECTIONS = {"memory": memory_section, "fidelity": fidelity_section,
-            "accuracy": accuracy_section, "scoring": scoring_section}
+            "accuracy": accuracy_section, "scoring": scoring_section, "kernels": kernels_section}
 
 
 def render() -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vllm_kvcompress.kernels.paged_attention import chunk_attention, decode_attention
-from vllm_kvcompress.paging.accounting import LayerPlan, plan_layers, shares_keys
+from vllm_kvcompress.paging.accounting import LayerPlan, pages_for, plan_layers, shares_keys
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy
@@ -58,7 +58,9 @@ class CompressionStats:
 
 class KVCompressor:
     def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int,
-                 selector: Quest | None = None) -> None:
+                 selector: Quest | None = None, triton_decode: bool | None = None) -> None:
+        """``triton_decode``: decode attention through the Triton kernel that reads the
+        pages in place; default on CUDA, the torch path (gather, then attend) elsewhere."""
         if selector is not None and (store.key_bounds is None or
                                      (policy is not None and policy.needs_attention_mass)):
             raise ValueError("Quest needs a store with key bounds and a policy that does not "
@@ -68,6 +70,16 @@ class KVCompressor:
                 raise ValueError("key sharing needs a store with value rows and no Quest selection")
         self.store = store
         self.policy = policy
+        if triton_decode is None:
+            triton_decode = store.device.type == "cuda"
+        self._paged_decode = None
+        if triton_decode:
+            # Imported here: Triton picks GPU or interpreter when the kernels are first imported.
+            from vllm_kvcompress.kernels import triton as kernels
+
+            if not kernels.available():
+                raise RuntimeError("triton_decode needs Triton on a CUDA device (or TRITON_INTERPRET=1)")
+            self._paged_decode = kernels.paged_decode
         self.selector = selector  # Quest: which pages each decode step reads
         self.num_layers = store.shape.num_layers
         self.num_kv_heads = store.shape.num_kv_heads
@@ -176,6 +188,12 @@ class KVCompressor:
                 out[step.decode_tokens], tokens_read = read
                 self.stats.decode_tokens_read += tokens_read
                 return
+        if self._paged_decode is not None and not need_mass and (
+                self.store.value_lens is None or not self.store.value_lens[layer, rows].any()):
+            self.stats.decode_tokens_read += held
+            out[step.decode_tokens] = self._decode_in_place(layer, rows.reshape(-1),
+                                                            query[step.decode_tokens], scale)
+            return
         keys, values, shared = self._gather(layer, rows.reshape(-1))
         visible = None
         if shared is not None:  # the shared-key tokens come first, then the row's own
@@ -199,6 +217,16 @@ class KVCompressor:
         out[step.decode_tokens] = result
         if mass is not None:
             self.store.add_mass(layer, rows.reshape(-1), mass.flatten(0, 1))
+
+    def _decode_in_place(self, layer, rows, query, scale) -> torch.Tensor:
+        """The Triton kernel: pages read and dequantized where they lie, no gather."""
+        lens = self.store.lens[layer, rows]
+        longest = int(lens.max())
+        table = self.store.tables[layer, torch.from_numpy(rows).to(self.store.device),
+                                  :pages_for(longest, self.store.shape.page_size)]
+        return self._paged_decode(query, self.store.parts, self.store.shape.format, table,
+                                  torch.from_numpy(lens).to(self.store.device), scale,
+                                  count=self.store.parts.get("count"), max_len=longest)
 
     def _gather(self, layer, rows) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
         """K, V [R, T, D] that ``rows`` attend: their own slots, after the tokens
