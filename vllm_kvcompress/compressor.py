@@ -232,7 +232,7 @@ class KVCompressor:
         """K, V [R, T, D] that ``rows`` attend: their own slots, after the tokens
         whose keys the key-source layer holds (PoD), whose counts come third
         (``None`` when the layer shares no keys)."""
-        keys, values = self.store.gather(layer, rows)
+        keys, values = self.store.gather(layer, rows, scratch=True)  # consumed before the next
         value_lens = self.store.value_lens
         if value_lens is None or not value_lens[layer, rows].any():
             return keys, values, None

@@ -392,3 +392,26 @@ def test_values_moved_to_value_rows_read_back(fmt):
     assert store.pool.num_used == KV_HEADS * (-(-37 // page_size) + layer1)
     store.close("r0")
     assert store.pool.num_used == 0
+
+
+@pytest.mark.parametrize("fmt", ["none", "k8v8", "k8v4", "k4v4"])
+def test_scratch_gather_equals_a_fresh_gather(fmt):
+    """The decode path's gather into reused buffers returns what a fresh gather does,
+    also when a later, smaller gather reuses the buffers."""
+    page_size = 4
+    shape = StoreShape(1, KV_HEADS, DIM, page_size, torch.float32, page_format(fmt))
+    store = PagedKVStore(shape, 256, 2, 64)
+    gen = torch.Generator().manual_seed(3)
+    for slot, length in enumerate((37, 9)):
+        store.open(f"r{slot}")
+        rows = store.rows(slot)
+        store.reserve(rows, np.full(KV_HEADS, length))
+        k, v = (torch.randn(length, KV_HEADS, DIM, generator=gen) for _ in range(2))
+        store.write(0, np.tile(rows, (length, 1)), np.repeat(np.arange(length)[:, None], KV_HEADS, 1),
+                    k, v, torch.arange(length))
+        store.lens[0, rows] = length
+    for rows in (np.arange(2 * KV_HEADS), store.rows(1)):
+        fresh = store.gather(0, rows)
+        scratch = store.gather(0, rows, scratch=True)
+        for a, b in zip(fresh, scratch):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)

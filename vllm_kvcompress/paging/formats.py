@@ -304,25 +304,35 @@ def _encode_affine4(
 
 
 def decode(
-    fmt: PageFormat, side: str, parts: dict[str, torch.Tensor], dtype: torch.dtype
+    fmt: PageFormat, side: str, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rebuild ``side`` [..., D] in ``dtype`` from its components in ``parts``.
 
     ``parts`` may hold both sides' components; only ``side``'s are read.
+    ``out``: a float32 buffer of the result's shape to dequantize into (the
+    store's scratch; a quantized side only), instead of fresh tensors.
     """
     bits = fmt.bits(side)
     if bits is None:
         return parts[side].to(dtype)
     codes = parts[f"{side}_codes"]
     scale = parts[f"{side}_scale"].to(torch.float32).unsqueeze(-1)
-    if bits == 4:
-        codes = _unpack4(codes)
-    head_dim = codes.shape[-1]
-    groups, gsize = fmt.group_layout(head_dim)
     lead = codes.shape[:-1]
-    q = codes.to(torch.float32).reshape(*lead, groups, gsize)
-    if bits == 8:
-        out = (q - _SYM_OFFSET) * scale
+    head_dim = codes.shape[-1] * 8 // bits
+    groups, gsize = fmt.group_layout(head_dim)
+    if out is None:
+        out = torch.empty((*lead, head_dim), dtype=torch.float32, device=codes.device)
+    # In place in one float buffer: decode runs on every gathered row in the decode
+    # hot path, where each temporary of that size costs as much as the arithmetic.
+    if bits == 4:
+        out[..., 0::2] = codes & 0x0F
+        out[..., 1::2] = codes >> 4
     else:
-        out = q * scale + parts[f"{side}_min"].to(torch.float32).unsqueeze(-1)
-    return out.reshape(*lead, head_dim).to(dtype)
+        out.copy_(codes)
+    q = out.view(*lead, groups, gsize)
+    if bits == 8:
+        q.sub_(_SYM_OFFSET).mul_(scale)
+    else:
+        q.mul_(scale).add_(parts[f"{side}_min"].to(torch.float32).unsqueeze(-1))
+    return out.to(dtype)

@@ -127,6 +127,7 @@ class PagedKVStore:
         if shape.value_rows:
             self.value_tables = torch.zeros_like(self.tables[:, :, :pages_for(self.max_pages_per_row, 2)])
             self.value_lens = np.zeros_like(self.lens)
+        self._scratch: dict[str, torch.Tensor] = {}  # see gather(scratch=True)
         self._slots: dict[str, int] = {}
         self._free_slots = list(range(max_requests - 1, -1, -1))
 
@@ -243,20 +244,47 @@ class PagedKVStore:
         if "count" in self.parts:
             self.parts["count"][pages, offsets] = 1.0
 
-    def gather(self, layer: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``rows`` as [R, T, D] in the model dtype (T >= max length; pad past ``lens``)."""
-        return self.gather_pages(self._row_pages(layer, rows))
+    def gather(self, layer: int, rows: np.ndarray, scratch: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``rows`` as [R, T, D] in the model dtype (T >= max length; pad past ``lens``).
 
-    def gather_pages(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ``scratch``: copy the pages into buffers the store keeps and reuses, valid
+        until the next scratch gather (the hot decode path: a fresh tensor of tens
+        of MB costs more in page faults than the copy itself).
+        """
+        return self.gather_pages(self._row_pages(layer, rows), scratch)
+
+    def gather_pages(self, pages: torch.Tensor, scratch: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given pages [R, K] as [R, K * page_size, D] in the model dtype."""
         fmt, dtype = self.shape.format, self.shape.dtype
-        return tuple(
-            decode(fmt, side, {
-                name: self.parts[name][pages].flatten(1, 2)
-                for name in self._kv_names if name.startswith(side)
-            }, dtype)
-            for side in ("k", "v")
-        )
+        sides = []
+        for side in ("k", "v"):
+            parts = {name: self._take(name, pages, scratch)
+                     for name in self._kv_names if name.startswith(side)}
+            out = None
+            if scratch and fmt.bits(side) is not None:
+                shape = (pages.shape[0], pages.shape[1] * self.shape.page_size, self.shape.head_dim)
+                out = self._scratch_buffer(f"{side}_float", shape, torch.float32)
+            sides.append(decode(fmt, side, parts, dtype, out=out))
+        return tuple(sides)
+
+    def _scratch_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused buffer of ``shape`` (grown on demand), valid until the next scratch gather."""
+        count = math.prod(shape)
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._scratch[name] = torch.empty(count, dtype=dtype, device=self.device)
+        return buffer[:count].view(shape)
+
+    def _take(self, name: str, pages: torch.Tensor, scratch: bool) -> torch.Tensor:
+        """Component ``name`` of ``pages`` [R, K] as [R, K * page_size, ...]."""
+        part = self.parts[name]
+        if not scratch:
+            return part[pages].flatten(1, 2)
+        out = self._scratch_buffer(name, (pages.numel(), *part.shape[1:]), part.dtype)
+        torch.index_select(part, 0, pages.reshape(-1), out=out)
+        return out.view(pages.shape[0], -1, *part.shape[2:])
 
     def page_key_bounds(self, layer: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Page ids [R, N] of ``rows`` and their key bounds [R, N, 2, D] (stale past each row's pages)."""
