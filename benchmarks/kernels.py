@@ -11,8 +11,8 @@ Every request holds ``context`` tokens in each KV head, in pages of
   contiguous bf16 cache of the same tokens. Bandwidth is the bytes the step must
   read (pages, scales, query) over its time, also as a fraction of ``--peak-gbps``
   (H100 SXM: 3350 GB/s); times from ``triton.testing.do_bench`` (L2 flushed).
-* On CPU: the torch path serving runs (gather the rows' pages, dequantize,
-  ``decode_attention``) against vLLM's own CPU attention op
+* On CPU: the torch path serving runs (``PagedKVStore.gather`` of the rows' pages
+  into its scratch buffers, dequantized, then ``decode_attention``) against vLLM's own CPU attention op
   (``cpu_attention_with_kv_cache``, called directly on a cache of 128-token blocks
   filled by its ``cpu_attn_reshape_and_cache``) and torch SDPA over the same tokens.
   The model dtype defaults to float32 there, as served on an AVX2 CPU.
@@ -28,12 +28,15 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks.results import save
 
+from vllm_kvcompress.kernels.paged_attention import decode_attention
 from vllm_kvcompress.paging.formats import FORMAT_NAMES, encode, page_format
+from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VLLM_BLOCK = 128  # vLLM's default KV block on CPU
@@ -56,6 +59,34 @@ def build_pages(fmt_name: str, rows: int, context: int, head_dim: int, page_size
                 parts[name][start:end] = part
     table = torch.randperm(num_pages, generator=gen).view(rows, per_row).to(torch.int32)
     return fmt, parts, table.to(device)
+
+
+def serving_torch_path(q, parts, fmt, table, lens, scale, max_len):
+    """The compressor's CPU decode: a scratch gather from the store, then ``decode_attention``.
+
+    Same signature as ``paged_decode``; the store is built around the given pages
+    once per shape (cached on the table tensor's identity).
+    """
+    batch, _, head_dim = q.shape
+    rows, width = table.shape
+    store = _STORES.get(id(table), (None, None))[1]
+    if store is None:
+        page_size = next(iter(parts.values())).shape[1]
+        shape = StoreShape(1, rows // batch, head_dim, page_size, q.dtype, fmt)
+        store = PagedKVStore(shape, 1, batch, width * page_size)
+        store.parts.update(parts)  # the benchmark's pages, not the store's own single page
+        store.tables[0, :, :width] = table
+        store.lens[0] = max_len
+        _STORES.clear()
+        _STORES[id(table)] = (table, store)  # holding the table: its id cannot be reused
+    keys, values = store.gather(0, np.arange(rows), scratch=True)
+    out, _ = decode_attention(q, keys.view(batch, rows // batch, -1, head_dim),
+                              values.view(batch, rows // batch, -1, head_dim),
+                              lens.view(batch, -1), scale)
+    return out
+
+
+_STORES: dict = {}
 
 
 def time_ms(fn, device: str, reps: int) -> float:
@@ -122,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     if device == "cuda":
         from vllm_kvcompress.kernels.triton import paged_decode as paged
     else:
-        from vllm_kvcompress.kernels.triton.decode import paged_decode_reference as paged
+        paged = serving_torch_path
     ours = "triton" if device == "cuda" else "torch-paged"
     rows_out, errors = [], {}
     for context in args.contexts:
