@@ -53,8 +53,8 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "vllm-turboquant-k8v4": ("--kv-cache-dtype", "turboquant_k8v4"),
 }
 for _policy in ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv", "chunkkv",
-                "quest"):
-    for _budget in ("0.5", "0.25", "0.1"):
+                "spindlekv", "quest", "pod"):
+    for _budget in ("1.0", "0.5", "0.25", "0.1"):
         CONFIGS[f"{_policy}@{_budget}"] = ("--kv-policy", _policy, "--kv-budget", _budget)
 CONFIGS["snapkv@0.25+k8v4"] = ("--kv-policy", "snapkv", "--kv-budget", "0.25", "--kv-quant", "k8v4")
 FORCING = ("--logits-processors", "benchmarks.forcing:ForcedTokens")

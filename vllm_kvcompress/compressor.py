@@ -229,9 +229,9 @@ class KVCompressor:
                                   count=self.store.parts.get("count"), max_len=longest)
 
     def _gather(self, layer, rows) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-        """K, V [R, T, D] that ``rows`` attend: their own slots, after the tokens
-        whose keys the key-source layer holds (PoD), whose counts come third
-        (``None`` when the layer shares no keys)."""
+        """K, V [R, T, D] that ``rows`` attend, and how many tokens [R] in front of
+        each row's own slots take their keys from the key-source layer (PoD;
+        ``None`` when the layer shares no keys)."""
         keys, values = self.store.gather(layer, rows, scratch=True)  # consumed before the next
         value_lens = self.store.value_lens
         if value_lens is None or not value_lens[layer, rows].any():
