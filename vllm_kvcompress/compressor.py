@@ -82,6 +82,10 @@ class KVCompressor:
             self._paged_decode = kernels.paged_decode
         self.selector = selector  # Quest: which pages each decode step reads
         self.num_layers = store.shape.num_layers
+        # PoD: layers whose queries and keys score the distant tokens of later layers.
+        self._key_sources = {policy.key_source(i) for i in range(self.num_layers)
+                             if policy.key_source(i) != i} if policy is not None else set()
+        self._source_queries: dict[int, torch.Tensor] = {}
         self.num_kv_heads = store.shape.num_kv_heads
         self.num_q_heads = num_q_heads
         self.step: StepPlan | None = None
@@ -161,6 +165,8 @@ class KVCompressor:
 
         need_mass = self.policy is not None and self.policy.needs_attention_mass
         out = torch.empty_like(query)
+        if layer in self._key_sources and len(step.decode):
+            self._source_queries[layer] = query[step.decode_tokens]  # for its group's layers
         if len(step.decode):
             self._attend_decode(layer, step, query, scale, need_mass, out)
         for i in step.chunks:
@@ -195,13 +201,21 @@ class KVCompressor:
                                                             query[step.decode_tokens], scale)
             return
         keys, values, shared = self._gather(layer, rows.reshape(-1))
-        visible = None
-        if shared is not None:  # the shared-key tokens come first, then the row's own
+        visible = logits = None
+        if shared is not None:
+            # The distant tokens come first and are scored as the source layer scores
+            # them (its query, its keys); the row's own tokens by this layer.
             first = int(shared.max())
             slot = torch.arange(keys.shape[1])
             visible = (slot < torch.from_numpy(shared).unsqueeze(1)) | (
                 (slot >= first) & (slot < first + lens.view(-1, 1)))
             visible = visible.view(batch, heads, -1)
+            source_q = self._source_queries[self.policy.key_source(layer)]
+            distant = keys[:, :first].reshape(batch, heads, first, -1)
+            scores = torch.einsum("bhgd,bhtd->bhgt", source_q.view(batch, heads, -1, distant.shape[-1]),
+                                  distant).reshape(batch, -1, first) * scale
+            logits = torch.nn.functional.pad(scores, (0, keys.shape[1] - first))
+            keys[:, :first] = 0  # a fresh tensor (cat): only the logits above score them
             held += int(shared.sum())
             self.stats.decode_tokens_held += int(shared.sum())
         self.stats.decode_tokens_read += held
@@ -212,7 +226,7 @@ class KVCompressor:
         result, mass = decode_attention(
             query[step.decode_tokens], keys.view(batch, heads, *keys.shape[1:]),
             values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
-            visible=visible, counts=counts,
+            visible=visible, counts=counts, logits=logits,
         )
         out[step.decode_tokens] = result
         if mass is not None:
@@ -230,8 +244,8 @@ class KVCompressor:
 
     def _gather(self, layer, rows) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
         """K, V [R, T, D] that ``rows`` attend, and how many tokens [R] in front of
-        each row's own slots take their keys from the key-source layer (PoD;
-        ``None`` when the layer shares no keys)."""
+        each row's own slots are distant ones whose keys the key-source layer holds
+        (PoD; ``None`` when the layer shares no keys)."""
         keys, values = self.store.gather(layer, rows, scratch=True)  # consumed before the next
         value_lens = self.store.value_lens
         if value_lens is None or not value_lens[layer, rows].any():
@@ -279,8 +293,10 @@ class KVCompressor:
             keys, values = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
         else:
             keys, values, shared = self._gather(layer, rows)
-            if shared is not None:  # one request: every head shares as many, all in front
-                lens_before = lens_before + shared
+            if shared is not None:
+                # Shared scores are decode-only: a compressed request gets one token a step.
+                raise RuntimeError(f"request {req.req_id}: {req.num_new} tokens in one step "
+                                   "after its prefill, which shared-key layers cannot attend")
         result, mass = chunk_attention(
             query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass
         )

@@ -323,7 +323,7 @@ def kept_positions(keys: torch.Tensor, originals: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("budget", [0.25, 1.0])
 def test_pod_attends_distant_tokens_with_the_first_layers_keys(budget):
     """Layer 1 keeps layer 0's tokens; its distant ones are stored as values only and
-    decode reads them with layer 0's keys, its sinks and window with its own."""
+    decode scores them with layer 0's query and keys, its sinks and window with its own."""
     policy = build_policy("pod", budget=budget, window=4, sink_tokens=2, group_size=2)
     page_size, prompt, scale = 4, 120, DIM ** -0.5
     comp = make(policy, page_size=page_size)
@@ -346,10 +346,11 @@ def test_pod_attends_distant_tokens_with_the_first_layers_keys(budget):
         positions = kept_positions(keys0[0, :kept], seq.k[0, :prompt, h])
         far = positions[2:2 + distant]
         near = positions[:2] + positions[-4:] + [prompt]
-        keys = torch.cat([seq.k[0, far, h], seq.k[1, near, h]])
         values = torch.cat([seq.v[1, far, h], seq.v[1, near, h]])
-        q = seq.q[1, prompt, h * GROUP:(h + 1) * GROUP]
-        expected = torch.softmax(q @ keys.T * scale, -1) @ values
+        heads = slice(h * GROUP, (h + 1) * GROUP)
+        logits = torch.cat([seq.q[0, prompt, heads] @ seq.k[0, far, h].T,
+                            seq.q[1, prompt, heads] @ seq.k[1, near, h].T], dim=1)
+        expected = torch.softmax(logits * scale, -1) @ values
         torch.testing.assert_close(outs[1][0, h * GROUP:(h + 1) * GROUP], expected)
     # What the scheduler reserves is what the pool holds.
     assert store.pool.num_used == held_pages(comp, store.slot_of("r0"), page_size) == \

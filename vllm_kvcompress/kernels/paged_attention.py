@@ -18,7 +18,7 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [..., H, G, n, D], k/v [..., H, T, D], visible [..., H, n, T] (bool).
 
-    ``bias`` [..., H, n, T] is added to the scaled logits (log counts of merged entries).
+    ``bias``, broadcastable to [..., H, G, n, T], is added to the scaled logits.
 
     Returns out [..., H, G, n, D] and, if asked, the attention mass per key
     summed over the group's heads and the queries: [..., H, T].
@@ -26,7 +26,7 @@ def _attend(
     acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 softmax
     scores = torch.einsum("...hgnd,...htd->...hgnt", q.to(acc), k.to(acc)) * scale
     if bias is not None:
-        scores = scores + bias.to(acc).unsqueeze(-3)
+        scores = scores + bias.to(acc)
     scores = scores.masked_fill(~visible.unsqueeze(-3), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("...hgnt,...htd->...hgnd", probs, v.to(acc)).to(q.dtype)
@@ -43,13 +43,16 @@ def decode_attention(
     need_mass: bool = False,
     visible: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query token per request over its rows.
 
     q [B, Hq, D]; keys/values [B, H, T, D] (padded past ``lens`` [B, H]).
     ``visible`` [B, H, T] replaces ``lens`` where the slots read are not a
     prefix (Quest's chosen pages). ``counts`` [B, H, T]: how many tokens each
-    slot stands for (merged entries weigh ``count * exp(q . k)``). Returns out [B, Hq, D] and, if
+    slot stands for (merged entries weigh ``count * exp(q . k)``). ``logits``
+    [B, Hq, T]: added per query head to the scaled logits (PoD's shared scores
+    of distant tokens, whose keys here are zero). Returns out [B, Hq, D] and, if
     ``need_mass``, the attention probabilities summed over each group
     [B, H, T] (zero where not visible).
     """
@@ -58,7 +61,12 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     if visible is None:
         visible = torch.arange(keys.shape[2], device=q.device) < lens.unsqueeze(-1)  # [B, H, T]
-    bias = None if counts is None else counts.clamp_min(1e-30).log().unsqueeze(-2)
+    bias = None  # [B, H, G or 1, n = 1, T]
+    if counts is not None:
+        bias = counts.clamp_min(1e-30).log()[:, :, None, None]
+    if logits is not None:
+        extra = logits.view(batch, num_kv_heads, group, 1, -1)
+        bias = extra if bias is None else bias + extra
     out, mass = _attend(
         q.view(batch, num_kv_heads, group, 1, head_dim), keys, values,
         visible.unsqueeze(-2), scale, need_mass, bias,

@@ -137,8 +137,9 @@ class Policy(ABC):
 
         A layer other than itself (always an earlier one that reuses the same
         selection) keeps only the values of its distant tokens, the kept prompt
-        tokens between the sinks and the observation window; attention reads
-        their keys from the source layer's row.
+        tokens between the sinks and the observation window; at decode their
+        logits are the source layer's (its query against its keys), in one
+        softmax with this layer's logits over its own tokens.
         """
         return layer
 

@@ -17,10 +17,13 @@ class PoD(SnapKV):
     Proximal tokens (the sinks and the observation window) keep their own keys
     and values in every layer. The distant tokens the group's first layer keeps
     are kept by the whole group, but only that first layer stores their keys:
-    the others store values alone and attend with the first layer's keys,
-    because adjacent layers attend to distant tokens alike. The paper
-    post-trains the model to share keys; this is the training-free variant,
-    whose accuracy cost is measured in the README, not assumed.
+    the others store values alone and, at decode, weigh them with the first
+    layer's logits (its query against its keys) in one softmax with their own
+    logits over the proximal tokens, because adjacent layers attend to distant
+    tokens alike. The paper post-trains the model so that a layer's own query
+    can use the shared keys; without training a query of one layer against
+    keys of another is meaningless, so this training-free variant shares the
+    scores. Its accuracy cost is measured in the README, not assumed.
     """
 
     name: ClassVar[str] = "pod"
