@@ -90,6 +90,36 @@ def accuracy_section(data: dict) -> list[str]:
     return lines
 
 
+def kvpress_section(data: dict) -> list[str]:
+    ours = (_load("accuracy") or {}).get("configs", {})
+    total = data["samples_per_task"] * len(data["tasks"])
+    lines = [
+        "### Against NVIDIA kvpress",
+        "",
+        f"`python -m benchmarks.kvpress_compare` (kvpress {data['kvpress_version']}, transformers "
+        f"{data['transformers_version']}, in a venv of its own) on the accuracy benchmark's "
+        f"{total} prompts; our column is `benchmarks.accuracy`'s (the full cache there is plain "
+        "vLLM). Correct answers out of "
+        f"{total} ({' + '.join(data['tasks'])}). kvpress split: {data['split']}; our plugin "
+        "compresses the whole prompt, its observation window ending on the question.",
+        "",
+        "| method | budget | kvpress | vllm-kvcompress |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "not run"
+        if r.get("error"):
+            return f"error: {r['error'].splitlines()[-1][:80]}"
+        return f"{r['correct']} = " + " + ".join(str(r["per_task"][t]) for t in data["tasks"])
+
+    for name, r in data["configs"].items():
+        method, _, budget = name.partition("@")
+        lines.append(f"| {method} | {budget or '1.0'} | {cell(r)} | {cell(ours.get(name))} |")
+    return lines
+
+
 def scoring_section(data: dict) -> list[str]:
     lines = [
         "### Selection time (ChunkKV's layer-wise index reuse)",
@@ -124,7 +154,8 @@ def kernels_section(data: dict) -> list[str]:
 
 
 SECTIONS = {"memory": memory_section, "fidelity": fidelity_section,
-            "accuracy": accuracy_section, "scoring": scoring_section, "kernels": kernels_section}
+            "accuracy": accuracy_section, "kvpress": kvpress_section, "scoring": scoring_section,
+            "kernels": kernels_section}
 
 
 def render() -> str:

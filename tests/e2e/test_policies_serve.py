@@ -32,11 +32,14 @@ def during_decode(url: str, model: str, policy: str) -> dict[str, float]:
     threading.Thread(target=request, daemon=True).start()
     seen: dict[str, float] = {}
     while not done.is_set():
+        # Scraped one by one, the request's own gauge last: a sample counts only if the
+        # request was still running after the others were read.
+        pages = metric(url, "kvcompress_pages_used", policy=policy)
         kept = metric(url, "kvcompress_tokens_kept", policy=policy) or 0.0
         logical = metric(url, "kvcompress_tokens_logical", policy=policy) or 0.0
-        if logical > 1000 and not seen:  # in decode: the prompt (~1.6K tokens) is done
-            seen = {"kept": kept, "logical": logical,
-                    "pages_used": metric(url, "kvcompress_pages_used", policy=policy)}
+        if logical > 1000:  # in decode (the prompt is ~1.6K tokens); the latest sample wins,
+            # well past the step that compressed the prompt
+            seen = {"kept": kept, "logical": logical, "pages_used": pages}
         time.sleep(0.5)
     seen["read"] = metric(url, "kvcompress_decode_tokens_read_total", policy=policy)
     seen["held"] = metric(url, "kvcompress_decode_tokens_held_total", policy=policy)
