@@ -1,0 +1,238 @@
+"""Throughput under memory pressure: plain vLLM against each policy, in one run.
+
+    python -m benchmarks.throughput [--configs plain-ample plain pyramidkv@0.25 ...] \\
+        [--requests 16] [--prompt-tokens 1000 4000] [--output-tokens 128 512] \\
+        [--concurrency 8 32] [--offline]
+
+The KV space is fixed (``--kv-bytes``, by default what plain vLLM needs for
+``--plain-fits`` of the longest requests at once), except for ``plain-ample``:
+plain vLLM with room for every request, the ceiling compression can at best
+reach. Online: a real ``vllm serve`` per configuration and, per concurrency,
+every request streamed over the OpenAI API (output tokens/s, requests/s, TTFT
+and TPOT percentiles, peak running requests from vLLM's own gauge).
+``--offline`` also times ``LLM.generate`` over the same prompts, one process per
+configuration. Writes results/throughput.json and results/throughput.png.
+
+Status: written, not run yet (no results/throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.results import save
+from benchmarks.server import CPU_FLAGS, metric, vllm_server
+from benchmarks.tasks import documents
+
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "plain-ample": (),
+    "plain": (),
+    "k8v4": ("--kv-quant", "k8v4"),
+}
+for _policy in ("streamingllm", "snapkv", "pyramidkv", "adakv", "chunkkv", "pod"):
+    CONFIGS[f"{_policy}@0.25"] = ("--kv-policy", _policy, "--kv-budget", "0.25")
+CONFIGS["pyramidkv@0.25+k8v4"] = ("--kv-policy", "pyramidkv", "--kv-budget", "0.25",
+                                  "--kv-quant", "k8v4")
+
+
+def workload(tokenizer, count: int, prompt_range, output_range, seed: int = 0):
+    """``count`` (prompt, output length) pairs with lengths drawn uniformly from the ranges."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(count):
+        length = rng.randint(*prompt_range)
+        prompt = documents(tokenizer, length, 1, seed=seed + i)[0].prompt
+        pairs.append((prompt, rng.randint(*output_range)))
+    return pairs
+
+
+def stream_one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion: time to first token, time per later token, tokens."""
+    start = time.monotonic()
+    first = None
+    tokens = 0
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=3600, json={
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"] and first is None:
+                first = time.monotonic()
+    end = time.monotonic()
+    first = first or end
+    return {"ttft_s": first - start, "tpot_s": (end - first) / max(1, tokens - 1),
+            "tokens": tokens, "latency_s": end - start}
+
+
+def online(url: str, model: str, pairs, concurrency: int) -> dict:
+    peak = 0.0
+    done = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not done.is_set():
+            try:
+                peak = max(peak, metric(url, "vllm:num_requests_running") or 0.0)
+            except httpx.HTTPError:
+                pass
+            done.wait(0.25)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    start = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        runs = list(pool.map(lambda p: stream_one(url, model, *p), pairs))
+    elapsed = time.monotonic() - start
+    done.set()
+    poller.join()
+    return summarize(runs, elapsed) | {"peak_running": peak}
+
+
+def summarize(runs: list[dict], elapsed: float) -> dict:
+    out = {"elapsed_s": elapsed, "requests_per_s": len(runs) / elapsed,
+           "output_tokens_per_s": sum(r["tokens"] for r in runs) / elapsed}
+    for key in ("ttft_s", "tpot_s"):
+        values = [r[key] for r in runs if key in r]
+        if values:
+            for q in (50, 90, 99):
+                out[f"{key[:-2]}_p{q}_s"] = float(np.percentile(values, q))
+    return out
+
+
+def offline(model: str, flags: tuple[str, ...], kv_bytes: int, pairs) -> dict:
+    """``LLM.generate`` over the prompts in a fresh process (one engine per configuration)."""
+    job = json.dumps({"model": model, "flags": list(flags), "kv_bytes": kv_bytes,
+                      "pairs": pairs})
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--offline-worker"],
+                          input=job, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"offline run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _offline_worker() -> None:
+    from vllm import LLM, SamplingParams
+
+    from vllm_kvcompress.config import KVCompressConfig
+
+    job = json.loads(sys.stdin.read())
+    flags = dict(zip(job["flags"][::2], job["flags"][1::2]))
+    options = {k.removeprefix("--kv-").replace("-", "_"): v for k, v in flags.items()}
+    config = KVCompressConfig.from_sources(None, options)
+    llm = LLM(job["model"], dtype="float32", enforce_eager=True, max_num_seqs=32,
+              kv_cache_memory_bytes=job["kv_bytes"],
+              additional_config={"kvcompress": config.to_additional_config()})
+    prompts = [p for p, _ in job["pairs"]]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in job["pairs"]]
+    start = time.monotonic()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.monotonic() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(json.dumps({"elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
+                      "output_tokens_per_s": tokens / elapsed}))
+
+
+def fp32_token_bytes(model: str) -> int:
+    """Bytes plain vLLM's fp32 cache spends on one token (all layers, K and V)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 4
+
+
+def run(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.models import default_model_path
+
+    model = str(default_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    pairs = workload(tokenizer, args.requests, args.prompt_tokens, args.output_tokens)
+    longest = max(len(tokenizer.encode(p)) + n for p, n in pairs)
+    per_token = fp32_token_bytes(model)
+    kv_bytes = args.kv_bytes or args.plain_fits * longest * per_token
+    ample = 2 * sum(len(tokenizer.encode(p)) + n for p, n in pairs) * per_token
+    result = {"requests": args.requests, "prompt_tokens": list(args.prompt_tokens),
+              "output_tokens": list(args.output_tokens), "kv_bytes": kv_bytes,
+              "ample_kv_bytes": ample, "flags": CPU_FLAGS, "configs": {}}
+    for name in tqdm(args.configs, desc="configs"):
+        flags, budget = CONFIGS[name], ample if name == "plain-ample" else kv_bytes
+        row = {"flags": list(flags), "kv_bytes": budget, "online": {}}
+        with vllm_server(model, *flags, kv_bytes=budget, startup_timeout=900) as url:
+            for concurrency in args.concurrency:
+                row["online"][str(concurrency)] = online(url, model, pairs, concurrency)
+        if args.offline:
+            row["offline"] = offline(model, flags, budget, pairs)
+        result["configs"][name] = row
+        save(result, args.out, plot)  # an interrupted run keeps what it measured
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in result["configs"].items():
+        levels = sorted(row["online"], key=int)
+        ax.plot([int(c) for c in levels], [row["online"][c]["output_tokens_per_s"] for c in levels],
+                marker="o", label=name, linestyle="--" if name == "plain-ample" else "-")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{result['requests']} requests, KV space {result['kv_bytes'] / 1e6:.0f} MB")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--offline-worker"]:
+        _offline_worker()
+        return None
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                        default=["plain-ample", "plain", "pyramidkv@0.25", "k8v4",
+                                 "pyramidkv@0.25+k8v4"])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--prompt-tokens", nargs=2, type=int, default=[1000, 4000])
+    parser.add_argument("--output-tokens", nargs=2, type=int, default=[128, 512])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--plain-fits", type=int, default=4,
+                        help="size the KV space for this many of the longest requests (plain vLLM)")
+    parser.add_argument("--kv-bytes", type=int, default=None, help="fixed KV space instead")
+    parser.add_argument("--offline", action="store_true", help="also time LLM.generate")
+    parser.add_argument("--out", type=Path, default=Path("results/throughput.json"))
+    args = parser.parse_args(argv)
+    result = run(args)
+    for name, row in result["configs"].items():
+        for c, r in row["online"].items():
+            print(f"{name:22} c={c:>3}  {r['output_tokens_per_s']:7.1f} tok/s  "
+                  f"peak running {r['peak_running']:.0f}  TTFT p50 {r.get('ttft_p50_s', 0):.2f} s  "
+                  f"TPOT p50 {1000 * r.get('tpot_p50_s', 0):.0f} ms")
+    return result
+
+
+if __name__ == "__main__":
+    main()
