@@ -92,19 +92,22 @@ def accuracy_section(data: dict) -> list[str]:
 
 def kvpress_section(data: dict) -> list[str]:
     ours = (_load("accuracy") or {}).get("configs", {})
+    # The same presses with the question compressed too (``--split none``), when run.
+    whole = (_load("kvpress_split_none") or {}).get("configs", {})
     total = data["samples_per_task"] * len(data["tasks"])
     lines = [
         "### Against NVIDIA kvpress",
         "",
         f"`python -m benchmarks.kvpress_compare` (kvpress {data['kvpress_version']}, transformers "
         f"{data['transformers_version']}, in a venv of its own) on the accuracy benchmark's "
-        f"{total} prompts; our column is `benchmarks.accuracy`'s (the full cache there is plain "
-        "vLLM). Correct answers out of "
-        f"{total} ({' + '.join(data['tasks'])}). kvpress split: {data['split']}; our plugin "
-        "compresses the whole prompt, its observation window ending on the question.",
+        f"{total} prompts, and `--split none --out results/kvpress_split_none.json`; our column "
+        "is `benchmarks.accuracy`'s (the full cache there is plain vLLM). Correct answers out of "
+        f"{total} ({' + '.join(data['tasks'])}). kvpress's pipeline normally compresses the "
+        "context without the question, so its window never sees it; with `--split none` the "
+        "question is compressed with the rest, as our plugin does (its window ends on the question).",
         "",
-        "| method | budget | kvpress | vllm-kvcompress |",
-        "| --- | ---: | ---: | ---: |",
+        "| method | budget | kvpress, question apart | kvpress, question compressed | vllm-kvcompress |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
 
     def cell(r: dict | None) -> str:
@@ -116,7 +119,8 @@ def kvpress_section(data: dict) -> list[str]:
 
     for name, r in data["configs"].items():
         method, _, budget = name.partition("@")
-        lines.append(f"| {method} | {budget or '1.0'} | {cell(r)} | {cell(ours.get(name))} |")
+        lines.append(f"| {method} | {budget or '1.0'} | {cell(r)} | {cell(whole.get(name))} | "
+                     f"{cell(ours.get(name))} |")
     return lines
 
 
