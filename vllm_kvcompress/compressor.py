@@ -183,46 +183,36 @@ class KVCompressor:
 
     def _attend_decode(self, layer, step, query, scale, need_mass, out) -> None:
         rows = step.slots[step.decode, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
+        flat = rows.reshape(-1)
         batch, heads = len(step.decode), self.num_kv_heads
         lens = torch.from_numpy(self.store.lens[layer, rows])
         held = int(lens.sum())
         self.stats.decode_tokens_held += held
         if self.selector is not None:
-            read = self._attend_selected(layer, rows.reshape(-1), query[step.decode_tokens],
-                                         lens.flatten(), scale)
+            read = self._attend_selected(layer, flat, query[step.decode_tokens], lens.flatten(),
+                                         scale)
             if read is not None:
                 out[step.decode_tokens], tokens_read = read
                 self.stats.decode_tokens_read += tokens_read
                 return
-        if self._paged_decode is not None and not need_mass and (
-                self.store.value_lens is None or not self.store.value_lens[layer, rows].any()):
+        shared = self._shared_counts(layer, flat)
+        if self._paged_decode is not None and not need_mass and shared is None:
             self.stats.decode_tokens_read += held
-            out[step.decode_tokens] = self._decode_in_place(layer, rows.reshape(-1),
-                                                            query[step.decode_tokens], scale)
+            out[step.decode_tokens] = self._decode_in_place(layer, flat, query[step.decode_tokens],
+                                                            scale)
             return
-        keys, values, shared = self._gather(layer, rows.reshape(-1))
+        keys, values = self.store.gather(layer, flat, scratch=True)  # consumed before the next
         visible = logits = None
         if shared is not None:
-            # The distant tokens come first and are scored as the source layer scores
-            # them (its query, its keys); the row's own tokens by this layer.
-            first = int(shared.max())
-            slot = torch.arange(keys.shape[1])
-            visible = (slot < torch.from_numpy(shared).unsqueeze(1)) | (
-                (slot >= first) & (slot < first + lens.view(-1, 1)))
+            keys, values, visible, logits = self._prepend_distant(
+                layer, flat, shared, keys, values, lens.view(-1), scale)
             visible = visible.view(batch, heads, -1)
-            source_q = self._source_queries[self.policy.key_source(layer)]
-            distant = keys[:, :first].reshape(batch, heads, first, -1)
-            scores = torch.einsum("bhgd,bhtd->bhgt", source_q.view(batch, heads, -1, distant.shape[-1]),
-                                  distant).reshape(batch, -1, first) * scale
-            logits = torch.nn.functional.pad(scores, (0, keys.shape[1] - first))
-            keys[:, :first] = 0  # a fresh tensor (cat): only the logits above score them
             held += int(shared.sum())
             self.stats.decode_tokens_held += int(shared.sum())
         self.stats.decode_tokens_read += held
         counts = None
         if "count" in self.store.parts:
-            counts = self.store.gather_slot_metadata(layer, rows.reshape(-1), "count")
-            counts = counts.view(batch, heads, -1)
+            counts = self.store.gather_slot_metadata(layer, flat, "count").view(batch, heads, -1)
         result, mass = decode_attention(
             query[step.decode_tokens], keys.view(batch, heads, *keys.shape[1:]),
             values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
@@ -230,7 +220,7 @@ class KVCompressor:
         )
         out[step.decode_tokens] = result
         if mass is not None:
-            self.store.add_mass(layer, rows.reshape(-1), mass.flatten(0, 1))
+            self.store.add_mass(layer, flat, mass.flatten(0, 1))
 
     def _decode_in_place(self, layer, rows, query, scale) -> torch.Tensor:
         """The Triton kernel: pages read and dequantized where they lie, no gather."""
@@ -242,21 +232,35 @@ class KVCompressor:
                                   torch.from_numpy(lens).to(self.store.device), scale,
                                   count=self.store.parts.get("count"), max_len=longest)
 
-    def _gather(self, layer, rows) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-        """K, V [R, T, D] that ``rows`` attend, and how many tokens [R] in front of
-        each row's own slots are distant ones whose keys the key-source layer holds
-        (PoD; ``None`` when the layer shares no keys)."""
-        keys, values = self.store.gather(layer, rows, scratch=True)  # consumed before the next
+    def _shared_counts(self, layer, rows) -> np.ndarray | None:
+        """Distant tokens [R] of ``rows`` whose keys the key-source layer holds (PoD), or ``None``."""
         value_lens = self.store.value_lens
         if value_lens is None or not value_lens[layer, rows].any():
-            return keys, values, None
-        shared = value_lens[layer, rows]
+            return None
+        return value_lens[layer, rows]
+
+    def _prepend_distant(self, layer, rows, shared, keys, values, lens, scale):
+        """Put a shared-key layer's distant tokens in front of its own slots.
+
+        They are scored as the key-source layer scores them (its query, its keys)
+        through per-query-head ``logits``; their keys here are zero. Returns keys,
+        values [R, T, D], visible [R, T] and logits [B, Hq, T].
+        """
         count, start = int(shared.max()), self.policy.sink_tokens
+        source = self.policy.key_source(layer)
         # The source row holds the same distant tokens, in the same order, after its sinks.
-        shared_keys = self.store.gather(self.policy.key_source(layer), rows)[0][:, start:start + count]
-        shared_values = self.store.gather_values(layer, rows)[:, :count]
-        return (torch.cat([shared_keys, keys], dim=1), torch.cat([shared_values, values], dim=1),
-                shared)
+        distant = self.store.gather(source, rows)[0][:, start:start + count]
+        source_q = self._source_queries[source]  # [B, Hq, D]
+        batch, heads = source_q.shape[0], self.num_kv_heads
+        scores = torch.einsum("bhgd,bhtd->bhgt", source_q.view(batch, heads, -1, distant.shape[-1]),
+                              distant.view(batch, heads, count, -1)).reshape(batch, -1, count)
+        logits = torch.nn.functional.pad(scores * scale, (0, keys.shape[1]))
+        keys = torch.cat([keys.new_zeros(len(rows), count, keys.shape[-1]), keys], dim=1)
+        values = torch.cat([self.store.gather_values(layer, rows)[:, :count], values], dim=1)
+        slot = torch.arange(keys.shape[1])
+        visible = (slot < torch.from_numpy(shared).unsqueeze(1)) | (
+            (slot >= count) & (slot < count + lens.unsqueeze(1)))
+        return keys, values, visible, logits
 
     def _attend_selected(self, layer, rows, query, lens, scale):
         """Quest: attend over each row's top pages only; ``None`` when every page is read."""
@@ -292,11 +296,11 @@ class KVCompressor:
             # Nothing cached yet: attend the chunk's own keys, skip the gather.
             keys, values = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
         else:
-            keys, values, shared = self._gather(layer, rows)
-            if shared is not None:
+            if self._shared_counts(layer, rows) is not None:
                 # Shared scores are decode-only: a compressed request gets one token a step.
                 raise RuntimeError(f"request {req.req_id}: {req.num_new} tokens in one step "
                                    "after its prefill, which shared-key layers cannot attend")
+            keys, values = self.store.gather(layer, rows, scratch=True)
         result, mass = chunk_attention(
             query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass
         )

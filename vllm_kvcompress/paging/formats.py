@@ -231,13 +231,6 @@ def _pack4(codes: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def _unpack4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_pack4`: [..., D/2] uint8 -> [..., D] uint8."""
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack((low, high), dim=-1).flatten(-2)
-
-
 def encode(
     fmt: PageFormat, side: str, x: torch.Tensor, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:

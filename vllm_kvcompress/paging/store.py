@@ -382,15 +382,12 @@ class PagedKVStore:
 
     def gather_values(self, layer: int, rows: np.ndarray) -> torch.Tensor:
         """Values of the value rows of ``rows`` as [R, T, D] (pad past ``value_lens``)."""
-        size, fmt, dtype = self.shape.page_size, self.shape.format, self.shape.dtype
+        size = self.shape.page_size
         width = max(1, pages_for(int(self.value_lens[layer, rows].max()), 2 * size))
         pages = self.value_tables[layer, torch.from_numpy(rows), :width].long()
-        halves = [
-            decode(fmt, side, {name: self.parts[name][pages]
-                               for name in self._kv_names if name.startswith(side)}, dtype)
-            for side in ("v", "k")
-        ]
-        return torch.cat(halves, dim=2).flatten(1, 2)  # [R, width, 2P, D] -> [R, T, D]
+        # A value page's key half holds its second page_size values, in the key's format.
+        second, first = (half.view(len(rows), width, size, -1) for half in self.gather_pages(pages))
+        return torch.cat([first, second], dim=2).flatten(1, 2)  # [R, width * 2P, D]
 
     # -- eviction ------------------------------------------------------------
     def compact(self, layer: int, rows: np.ndarray, keep: torch.Tensor) -> np.ndarray:
