@@ -2,7 +2,7 @@
 
     python -m benchmarks.throughput [--configs plain-ample plain pyramidkv@0.25 ...] \\
         [--requests 16] [--prompt-tokens 1000 4000] [--output-tokens 128 512] \\
-        [--concurrency 8 32] [--offline]
+        [--concurrency 16] [--offline]
 
 The KV space is fixed (``--kv-bytes``, by default what plain vLLM needs for
 ``--plain-fits`` of the longest requests at once), except for ``plain-ample``:
@@ -117,6 +117,9 @@ def summarize(runs: list[dict], elapsed: float) -> dict:
     return out
 
 
+_MARK = "throughput-result: "
+
+
 def offline(model: str, flags: tuple[str, ...], kv_bytes: int, pairs) -> dict:
     """``LLM.generate`` over the prompts in a fresh process (one engine per configuration)."""
     job = json.dumps({"model": model, "flags": list(flags), "kv_bytes": kv_bytes,
@@ -125,7 +128,9 @@ def offline(model: str, flags: tuple[str, ...], kv_bytes: int, pairs) -> dict:
                           input=job, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"offline run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too: the result is the one line behind the marker.
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(_MARK))
+    return json.loads(line[len(_MARK):])
 
 
 def _offline_worker() -> None:
@@ -134,11 +139,12 @@ def _offline_worker() -> None:
     from vllm_kvcompress.config import KVCompressConfig
 
     job = json.loads(sys.stdin.read())
-    flags = dict(zip(job["flags"][::2], job["flags"][1::2]))
-    options = {k.removeprefix("--kv-").replace("-", "_"): v for k, v in flags.items()}
+    flags = {k.removeprefix("--").replace("-", "_"): v
+             for k, v in zip(job["flags"][::2], job["flags"][1::2])}
+    options = {k.removeprefix("kv_"): v for k, v in flags.items() if k.startswith("kv_")}
     config = KVCompressConfig.from_sources(None, options)
     llm = LLM(job["model"], dtype="float32", enforce_eager=True, max_num_seqs=32,
-              kv_cache_memory_bytes=job["kv_bytes"],
+              kv_cache_memory_bytes=job["kv_bytes"], max_model_len=int(flags["max_model_len"]),
               additional_config={"kvcompress": config.to_additional_config()})
     prompts = [p for p, _ in job["pairs"]]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in job["pairs"]]
@@ -146,7 +152,7 @@ def _offline_worker() -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.monotonic() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(json.dumps({"elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
+    print(_MARK + json.dumps({"elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
                       "output_tokens_per_s": tokens / elapsed}))
 
 
@@ -171,11 +177,14 @@ def run(args) -> dict:
     per_token = fp32_token_bytes(model)
     kv_bytes = args.kv_bytes or args.plain_fits * longest * per_token
     ample = 2 * sum(len(tokenizer.encode(p)) + n for p, n in pairs) * per_token
+    # Every configuration serves the same context length: the longest request, not 8K, so the
+    # smallest KV space can still start the engine.
+    max_len = ("--max-model-len", str(-(-longest // 256) * 256))
     result = {"requests": args.requests, "prompt_tokens": list(args.prompt_tokens),
               "output_tokens": list(args.output_tokens), "kv_bytes": kv_bytes,
-              "ample_kv_bytes": ample, "flags": CPU_FLAGS, "configs": {}}
+              "ample_kv_bytes": ample, "flags": CPU_FLAGS + list(max_len), "configs": {}}
     for name in tqdm(args.configs, desc="configs"):
-        flags, budget = CONFIGS[name], ample if name == "plain-ample" else kv_bytes
+        flags, budget = CONFIGS[name] + max_len, ample if name == "plain-ample" else kv_bytes
         row = {"flags": list(flags), "kv_bytes": budget, "online": {}}
         with vllm_server(model, *flags, kv_bytes=budget, startup_timeout=900) as url:
             for concurrency in args.concurrency:
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt-tokens", nargs=2, type=int, default=[1000, 4000])
     parser.add_argument("--output-tokens", nargs=2, type=int, default=[128, 512])
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[16])
     parser.add_argument("--plain-fits", type=int, default=4,
                         help="size the KV space for this many of the longest requests (plain vLLM)")
     parser.add_argument("--kv-bytes", type=int, default=None, help="fixed KV space instead")
