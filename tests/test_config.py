@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvcompress.config import KVCompressConfig, PresetError, load_preset, parse_budget
+from vllm_kvcompress.config import (KVCompressConfig, PresetError, RequestOptionError,
+                                     RequestPolicies, load_preset, parse_budget)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -91,3 +92,50 @@ def test_decode_budget_composes_quest_with_eviction():
 def test_decode_budget_rejections_say_why(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KVCompressConfig(**kwargs)
+
+
+# -- per-request kv_policy / kv_budget ---------------------------------------------------
+
+def test_requests_may_choose_policies_that_share_the_servers_store():
+    prefill_only = ["none", "adakv", "chunkkv", "leankv", "pyramidkv", "snapkv"]
+    assert KVCompressConfig(policy="snapkv").request_policies() == prefill_only
+    assert KVCompressConfig(quant="k8v4").request_policies() == prefill_only
+    assert KVCompressConfig(policy="h2o").request_policies() == ["h2o"]
+    assert KVCompressConfig(policy="spindlekv").request_policies() == ["spindlekv"]
+    assert KVCompressConfig().request_policies() == []
+
+
+def test_a_request_config_keeps_the_servers_store_options():
+    server = KVCompressConfig(policy="chunkkv", budget=0.25, window=16, quant="k8v4",
+                              policy_args={"chunk_size": 8})
+    assert server.for_request(None) is server
+    assert server.for_request({"kv_budget": None, "other": 1}) is server
+    mine = server.for_request({"kv_policy": "pyramidkv", "kv_budget": "0.1"})
+    assert (mine.policy, mine.budget, mine.window, mine.page_format) == ("pyramidkv", 0.1, 16, "k8v4")
+    assert mine.policy_args == {}  # chunkkv's hyperparameters are not pyramidkv's
+    assert server.for_request({"kv_budget": 512}).policy_args == {"chunk_size": 8}
+
+
+@pytest.mark.parametrize("server,options,match", [
+    ({"policy": "snapkv"}, {"kv_policy": "h2o"}, "kv_policy: 'h2o' cannot run.*allowed here: none"),
+    ({"policy": "snapkv"}, {"kv_policy": "bogus"}, "kv_policy: 'bogus'.*unknown policy"),
+    ({"policy": "snapkv"}, {"kv_policy": "quest"}, "Quest's page selection"),
+    ({"policy": "snapkv"}, {"kv_budget": 7}, "kv_budget: 7 is neither.*allowed: a fraction"),
+    ({"policy": "snapkv"}, {"kv_budget": [0.5]}, "kv_budget: .* is not a number"),
+    ({"policy": "snapkv"}, {"kv_budget": True}, "kv_budget: True is not a number"),
+    ({}, {"kv_policy": "snapkv"}, "runs plain vLLM; start it with --kv-policy"),
+    ({"policy": "quest", "budget": 64}, {"kv_budget": 0.5}, "kv_budget: .*set at start-up"),
+])
+def test_request_options_the_server_cannot_honour_say_why(server, options, match):
+    with pytest.raises(RequestOptionError, match=match):
+        KVCompressConfig(**server).for_request(options)
+
+
+def test_request_policies_are_built_once_per_choice():
+    policies = RequestPolicies(KVCompressConfig(policy="snapkv", budget=0.25))
+    server = policies.resolve(None)
+    assert server.name == "snapkv" and policies.resolve({}) is server
+    mine = policies.resolve({"kv_policy": "pyramidkv", "kv_budget": 0.1})
+    assert (mine.name, mine.budget) == ("pyramidkv", 0.1)
+    assert policies.resolve({"kv_policy": "pyramidkv", "kv_budget": 0.1}) is mine
+    assert policies.resolve({"kv_policy": "none"}) is None

@@ -26,7 +26,7 @@ from vllm_kvcompress.kernels.paged_attention import chunk_attention, decode_atte
 from vllm_kvcompress.paging.accounting import LayerPlan, pages_for, plan_layers, shares_keys
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
-from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy
+from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy, runtime_traits
 from vllm_kvcompress.policies.quest import Quest, page_bounds, select_pages
 
 
@@ -89,8 +89,11 @@ class KVCompressor:
         self.num_kv_heads = store.shape.num_kv_heads
         self.num_q_heads = num_q_heads
         self.step: StepPlan | None = None
+        self._step_has_policy = False
         self.stats = CompressionStats()
         self._plans: dict[int, LayerPlan | None] = {}
+        # The policy of each open slot: the server's, or the request's own choice.
+        self._policies: dict[int, Policy | None] = {}
         self._windows: dict[int, list[torch.Tensor | None]] = {}
         self._selections: dict[int, dict[int, torch.Tensor]] = {}  # slot -> source layer -> mask
         self._logical: dict[int, int] = {}  # slot -> tokens the request holds uncompressed
@@ -105,11 +108,15 @@ class KVCompressor:
                 continue
             self.store.close(req_id)
             self._plans.pop(slot, None)
+            self._policies.pop(slot, None)
             self._windows.pop(slot, None)
             self._selections.pop(slot, None)
             self._logical.pop(slot, None)
 
-    def begin_step(self, requests: list[StepRequest]) -> StepPlan:
+    def begin_step(self, requests: list[StepRequest],
+                   policy_of: Callable[[str], Policy | None] | None = None) -> StepPlan:
+        """``policy_of(req_id)``: a request's own policy, asked once when its slot opens
+        (default: the server's). It must share the server's :func:`runtime_traits`."""
         slots = np.empty(len(requests), dtype=np.int64)
         for i, req in enumerate(requests):
             slot = self.store.slot_of(req.req_id)
@@ -119,13 +126,17 @@ class KVCompressor:
                 slot = None
             if slot is None:
                 slot = self.store.open(req.req_id)
-                self._plans[slot] = (
-                    plan_layers(self.policy, req.prompt_len, self.num_layers)
-                    if self.policy is not None else None
-                )
+                policy = self.policy if policy_of is None else policy_of(req.req_id)
+                if runtime_traits(policy) != runtime_traits(self.policy):
+                    raise ValueError(f"request {req.req_id}: policy {policy} cannot share a store "
+                                     f"with {self.policy}")
+                self._policies[slot] = policy
+                self._plans[slot] = (plan_layers(policy, req.prompt_len, self.num_layers)
+                                     if policy is not None else None)
             slots[i] = slot
             self._logical[slot] = req.total_after
         step = StepPlan.build(requests, slots, self.num_kv_heads)
+        self._step_has_policy = any(self._policies[int(slot)] is not None for slot in slots)
         num_new = np.repeat([r.num_new for r in requests], self.num_kv_heads)
         self.store.reserve(step.request_rows, num_new)
         self.step = step
@@ -171,10 +182,10 @@ class KVCompressor:
             self._attend_decode(layer, step, query, scale, need_mass, out)
         for i in step.chunks:
             self._attend_chunk(layer, step, int(i), query, key, value, scale, need_mass, out)
-        if self.policy is not None:
+        if self._step_has_policy:
             self._observe(layer, step, query)
             self._compress(layer, step, scale)
-            if self.policy.decode_capped:
+            if self.policy is not None and self.policy.decode_capped:
                 self._evict(layer, step)
         return out
 
@@ -311,11 +322,12 @@ class KVCompressor:
     # -- compression ---------------------------------------------------------
     def _observe(self, layer, step, query) -> None:
         """Keep the last ``window`` prompt queries of prefilling requests."""
-        window = self.policy.window
         for i, req in enumerate(step.requests):
-            if not req.in_prefill:
-                continue
             slot = int(step.slots[i])
+            policy = self._policies[slot]
+            if not req.in_prefill or policy is None:
+                continue
+            window = policy.window
             count = min(req.num_new, req.prompt_len - req.computed_before)
             start = int(step.starts[i])
             recent = query[start:start + count][-window:].transpose(0, 1)  # [Hq, w, D]
@@ -326,9 +338,10 @@ class KVCompressor:
 
     def _compress(self, layer, step, scale) -> None:
         for i, req in enumerate(step.requests):
-            if not req.ends_prefill:
-                continue
             slot = int(step.slots[i])
+            policy = self._policies[slot]
+            if not req.ends_prefill or policy is None:
+                continue
             rows = self._rows(slot)
             plan = self._plans[slot]
             budget, prompt_len = plan.kept[layer], req.prompt_len
@@ -340,20 +353,21 @@ class KVCompressor:
                     self._windows.pop(slot, None)
             self.stats.prompt_tokens += prompt_len * len(rows)
             if budget >= prompt_len:
-                self._report(req, layer, np.full(len(rows), prompt_len))
+                self._report(req, policy, layer, np.full(len(rows), prompt_len))
                 self._share_keys(layer, rows, plan)
                 continue
             # Gathered at most once, and only when scoring or merging needs the keys.
-            inputs = functools.cache(lambda: self._inputs(layer, rows, prompt_len, window, scale))
+            inputs = functools.cache(
+                lambda: self._inputs(policy, layer, rows, prompt_len, window, scale))
             keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool)
-            chosen = self._select(slot, layer, budget, inputs)
+            chosen = self._select(policy, slot, layer, budget, inputs)
             keep[:, :prompt_len] = chosen
-            merged = self.policy.merge(inputs(), chosen) if self.policy.needs_counts else None
+            merged = policy.merge(inputs(), chosen) if policy.needs_counts else None
             new_lens = self.store.compact(layer, rows, keep)
             if merged is not None:
                 self.store.rewrite(layer, rows, *merged)
             self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
-            self._report(req, layer, new_lens - (req.total_after - prompt_len))
+            self._report(req, policy, layer, new_lens - (req.total_after - prompt_len))
             self._share_keys(layer, rows, plan)
 
     def _share_keys(self, layer: int, rows: np.ndarray, plan: LayerPlan) -> None:
@@ -361,19 +375,19 @@ class KVCompressor:
         if plan.shared is not None and plan.shared[layer]:
             self.store.move_values(layer, rows, self.policy.sink_tokens, plan.shared[layer])
 
-    def _inputs(self, layer, rows, prompt_len, window, scale) -> LayerInputs:
+    def _inputs(self, policy, layer, rows, prompt_len, window, scale) -> LayerInputs:
         keys, values = self.store.gather(layer, rows)
         mass = None
-        if self.policy.needs_attention_mass:
+        if policy.needs_attention_mass:
             mass = self.store.gather_slot_metadata(layer, rows, "mass")[:, :prompt_len]
         return LayerInputs(
             keys=keys[:, :prompt_len], values=values[:, :prompt_len], window_queries=window,
             layer=layer, num_layers=self.num_layers, scale=scale, attention_mass=mass,
         )
 
-    def _select(self, slot, layer, budget, inputs: Callable[[], LayerInputs]) -> torch.Tensor:
+    def _select(self, policy, slot, layer, budget, inputs: Callable[[], LayerInputs]
+                ) -> torch.Tensor:
         """[H, prompt_len] keep-mask of one layer: scored, or reused from its source layer."""
-        policy = self.policy
         shared = self._selections.setdefault(slot, {})
         source = policy.selection_source(layer)
         if source != layer and source in shared:
@@ -387,8 +401,8 @@ class KVCompressor:
             self._selections.pop(slot, None)
         return keep
 
-    def _report(self, req: StepRequest, layer: int, kept: np.ndarray) -> None:
-        if not self.policy.uniform_heads:
+    def _report(self, req: StepRequest, policy: Policy, layer: int, kept: np.ndarray) -> None:
+        if not policy.uniform_heads:
             rows = self._kept_rows.setdefault(
                 req.req_id, np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64))
             rows[layer] = kept

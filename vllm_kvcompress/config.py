@@ -4,7 +4,9 @@ Sources, later ones overriding earlier ones:
 
 1. a YAML preset (``--kv-config configs/pyramidkv.yaml``),
 2. command-line flags (``--kv-policy``, ``--kv-budget``, ...),
-3. offline: ``LLM(..., additional_config={"kvcompress": {...}})``.
+3. offline: ``LLM(..., additional_config={"kvcompress": {...}})``;
+4. per request, ``kv_policy`` / ``kv_budget`` (HTTP ``extra_body`` or
+   ``SamplingParams(extra_args=...)``), checked by :meth:`KVCompressConfig.for_request`.
 
 The validated result travels to every vLLM process inside
 ``VllmConfig.additional_config["kvcompress"]`` as a plain dict.
@@ -12,6 +14,7 @@ The validated result travels to every vLLM process inside
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vllm_kvcompress.paging.formats import FORMAT_NAMES
 from vllm_kvcompress.policies import Policy, build_policy, policy_names
+from vllm_kvcompress.policies.base import runtime_traits
 from vllm_kvcompress.policies.quest import Quest
 
 ADDITIONAL_CONFIG_KEY = "kvcompress"
+# What one request may choose (HTTP extra_body fields, SamplingParams.extra_args keys).
+REQUEST_OPTIONS = ("kv_policy", "kv_budget")
+BUDGET_CHOICES = "a fraction in (0, 1] such as 0.25, or a token count >= 16 such as 512"
+
+
+class RequestOptionError(ValueError):
+    """A request's ``kv_policy`` / ``kv_budget`` that this server cannot honour."""
 
 
 def parse_budget(text: str | float | int) -> float | int:
@@ -145,6 +156,59 @@ class KVCompressConfig(BaseModel):
         except TypeError as exc:  # unknown keyword in policy_args
             raise ValueError(f"policy_args for {self.policy!r}: {exc}") from exc
 
+    # -- per request -----------------------------------------------------------
+    def request_policies(self) -> list[str]:
+        """Policies a request may choose here: those whose store and decode needs match
+        this server's (:func:`runtime_traits`), so they share its pages and batches.
+        Quest is not among them: its page selection belongs to the whole server."""
+        if not self.enabled:
+            return []
+        server = runtime_traits(self.build_policy())
+        return [name for name in policy_names() if name != "quest" and runtime_traits(
+            None if name == "none" else build_policy(name)) == server]
+
+    def for_request(self, options: Mapping[str, Any] | None) -> KVCompressConfig:
+        """The config one request runs with: this one, with its ``kv_policy`` and
+        ``kv_budget`` when given. Raises :class:`RequestOptionError` naming the option,
+        the reason and what is allowed."""
+        chosen = {key: options[key] for key in REQUEST_OPTIONS
+                  if options is not None and options.get(key) is not None}
+        if not chosen:
+            return self
+        allowed = self.request_policies()
+        if not allowed:
+            raise RequestOptionError(
+                f"{'/'.join(chosen)}: this server runs plain vLLM; start it with --kv-policy "
+                "to let requests choose compression")
+        policy = chosen.get("kv_policy", self.policy)
+        if policy == "quest" == self.policy:
+            raise RequestOptionError(
+                "kv_budget: this server's budget is what Quest reads at every decode step, set "
+                "at start-up; choose an eviction policy with kv_policy to set a budget per request")
+        if policy not in allowed:
+            why = ("unknown policy" if policy not in policy_names() else
+                   "Quest's page selection is set for the whole server" if policy == "quest" else
+                   f"it needs other page metadata or decode work than {self.policy!r}")
+            raise RequestOptionError(
+                f"kv_policy: {policy!r} cannot run on this server ({why}); allowed here: "
+                f"{', '.join(allowed)}")
+        budget = self.budget
+        if "kv_budget" in chosen:
+            raw = chosen["kv_budget"]
+            try:
+                if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+                    raise ValueError(f"{raw!r} is not a number")
+                budget = parse_budget(raw)
+            except ValueError as exc:
+                raise RequestOptionError(f"kv_budget: {exc}; allowed: {BUDGET_CHOICES}") from None
+        data = {**self.model_dump(), "policy": policy, "budget": budget, "quant": self.page_format}
+        if policy != self.policy:
+            data |= {"policy_args": {}, "decode_budget": self.quest_budget}
+        try:
+            return type(self)(**data)
+        except ValidationError as exc:
+            raise RequestOptionError(exc.errors()[0]["msg"]) from None
+
     # -- sources -------------------------------------------------------------
     @classmethod
     def from_sources(
@@ -169,6 +233,21 @@ class KVCompressConfig(BaseModel):
 
     def to_additional_config(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+class RequestPolicies:
+    """The policy of each request on one server, built once per (policy, budget)."""
+
+    def __init__(self, config: KVCompressConfig) -> None:
+        self.config = config
+        self._built: dict[tuple[str, float | int], Policy | None] = {}
+
+    def resolve(self, options: Mapping[str, Any] | None) -> Policy | None:
+        config = self.config.for_request(options)
+        key = (config.policy, config.budget)
+        if key not in self._built:
+            self._built[key] = config.build_policy()
+        return self._built[key]
 
 
 class PresetError(ValueError):

@@ -33,6 +33,7 @@ class Sequence:
         self.q = torch.randn(LAYERS, total, KV_HEADS * GROUP, DIM, generator=gen, dtype=torch.float64)
         self.k = torch.randn(LAYERS, total, KV_HEADS, DIM, generator=gen, dtype=torch.float64)
         self.v = torch.randn(LAYERS, total, KV_HEADS, DIM, generator=gen, dtype=torch.float64)
+        self.out = torch.zeros_like(self.q)  # what the compressor returned for every token
         self.done = 0
 
     def dense(self, layer: int, start: int, end: int, scale: float) -> torch.Tensor:
@@ -46,7 +47,7 @@ class Sequence:
 
 
 def run_schedule(comp: KVCompressor, seqs: list[Sequence], rng: np.random.Generator, check: bool,
-                 abort_rate: float = 0.0, tol: dict | None = None):
+                 abort_rate: float = 0.0, tol: dict | None = None, policy_of=None):
     """Random continuous batching: chunked prefill, decode, requests finishing or aborted."""
     scale = DIM ** -0.5
     active = list(seqs)
@@ -57,12 +58,14 @@ def run_schedule(comp: KVCompressor, seqs: list[Sequence], rng: np.random.Genera
             left = s.total - s.done
             n = int(rng.integers(1, min(left, 40) + 1)) if s.done < s.prompt_len else 1
             reqs.append(StepRequest(s.req_id, s.done, n, s.prompt_len))
-        comp.begin_step(reqs)
+        comp.begin_step(reqs, policy_of)
         for layer in range(LAYERS):
             q = torch.cat([s.q[layer, r.computed_before:r.total_after] for s, r in zip(batch, reqs)])
             k = torch.cat([s.k[layer, r.computed_before:r.total_after] for s, r in zip(batch, reqs)])
             v = torch.cat([s.v[layer, r.computed_before:r.total_after] for s, r in zip(batch, reqs)])
             out = comp.forward_layer(layer, q, k, v, scale)
+            for s, r, piece in zip(batch, reqs, out.split([r.num_new for r in reqs])):
+                s.out[layer, r.computed_before:r.total_after] = piece
             if check:
                 expected = torch.cat(
                     [s.dense(layer, r.computed_before, r.total_after, scale) for s, r in zip(batch, reqs)]
@@ -153,6 +156,59 @@ def test_pages_stay_within_the_reservation_and_all_return(name, fmt, monkeypatch
     assert comp.stats.evicted_tokens > 0
     assert comp.store.pool.num_used == 0
     assert comp.store.tokens_held() == 0
+
+
+def run_lockstep(comp: KVCompressor, seqs: list[Sequence], chunk: int, policy_of=None) -> None:
+    """Every request advances each step: prefill in ``chunk``-token pieces, then one token.
+
+    A request's pieces do not depend on who runs beside it, so its outputs must not either."""
+    scale = DIM ** -0.5
+    active = list(seqs)
+    while active:
+        reqs = [StepRequest(s.req_id, s.done, min(chunk, s.prompt_len - s.done)
+                            if s.done < s.prompt_len else 1, s.prompt_len) for s in active]
+        comp.begin_step(reqs, policy_of)
+        for layer in range(LAYERS):
+            parts = [(s.q, s.k, s.v) for s in active]
+            q, k, v = (torch.cat([p[i][layer, r.computed_before:r.total_after]
+                                  for p, r in zip(parts, reqs)]) for i in range(3))
+            out = comp.forward_layer(layer, q, k, v, scale)
+            for s, r, piece in zip(active, reqs, out.split([r.num_new for r in reqs])):
+                s.out[layer, r.computed_before:r.total_after] = piece
+        comp.end_step()
+        for s, r in zip(active, reqs):
+            s.done = r.total_after
+        comp.release([s.req_id for s in active if s.done == s.total])
+        active = [s for s in active if s.done < s.total]
+
+
+@pytest.mark.parametrize("fmt", ["none", "k8v4"])
+def test_requests_with_their_own_policies_share_a_batch(fmt):
+    """One batch, each request with its own policy and budget (the server's snapkv@0.25,
+    pyramidkv@0.1, adakv@24 tokens, none): every request's outputs equal what it gets
+    alone on a compressor of its own policy, and every page comes back."""
+    server = build_policy("snapkv", budget=0.25, window=4, sink_tokens=2)
+    chosen = {"r1": build_policy("pyramidkv", budget=0.1, window=4, sink_tokens=2),
+              "r2": build_policy("adakv", budget=24, window=4, sink_tokens=2), "r3": None}
+    policy_of = lambda req_id: chosen.get(req_id, server)  # noqa: E731
+    rng = np.random.default_rng(4)
+    mixed = random_sequences(torch.Generator().manual_seed(4), rng, 4, 60, 160, max_new=20)
+    comp = make(server, fmt=fmt)
+    run_lockstep(comp, mixed, chunk=48, policy_of=policy_of)
+    assert comp.stats.evicted_tokens > 0
+    assert comp.store.pool.num_used == 0
+    for seq in mixed:
+        alone = Sequence(seq.req_id, seq.prompt_len, seq.total, torch.Generator())
+        alone.q, alone.k, alone.v = seq.q, seq.k, seq.v
+        run_lockstep(make(policy_of(seq.req_id), fmt=fmt), [alone], chunk=48)
+        torch.testing.assert_close(seq.out, alone.out)
+
+
+def test_a_request_policy_must_share_the_servers_store():
+    comp = make(build_policy("snapkv", budget=0.25, window=4, sink_tokens=2))
+    h2o = build_policy("h2o", budget=0.25, window=4, sink_tokens=2)
+    with pytest.raises(ValueError, match="cannot share a store"):
+        comp.begin_step([StepRequest("r0", 0, 8, 8)], lambda req_id: h2o)
 
 
 @pytest.mark.parametrize("reuse", [1, 2])

@@ -171,6 +171,18 @@ class Policy(ABC):
         raise NotImplementedError(f"{self.name} does not evict during decode")
 
 
+def runtime_traits(policy: Policy | None) -> tuple[bool, bool, bool, bool]:
+    """What the page store and the decode path must do for ``policy``.
+
+    Policies that agree on these share a store and a batch, so a request may
+    choose any of them on a server started with another (per-request override).
+    """
+    if policy is None:
+        return (False, False, False, False)
+    return (policy.decode_capped, policy.needs_attention_mass, policy.needs_counts,
+            type(policy).key_source is not Policy.key_source)
+
+
 def protect(scores: torch.Tensor, sink_tokens: int, recent_tokens: int) -> torch.Tensor:
     """Mark the first ``sink_tokens`` and last ``recent_tokens`` of [.., T] as kept."""
     scores = scores.clone()

@@ -1,7 +1,9 @@
 """vLLM general plugin: runs in every vLLM process, possibly more than once.
 
-It wraps three ``EngineArgs`` methods (see ``vllm.args``) and vLLM's stat
-logger manager (see ``vllm.metrics``); the scheduler, worker and attention
+It wraps three ``EngineArgs`` methods (see ``vllm.args``), vLLM's stat
+logger manager (see ``vllm.metrics``) and its input processor's parameter
+check (see ``vllm.request_options``), and adds one ASGI middleware to
+``vllm serve``; the scheduler, worker and attention
 backend are named in the engine config and loaded by vLLM itself where they
 run. Registration is idempotent.
 """
@@ -31,6 +33,7 @@ def register() -> None:
     @functools.wraps(from_cli_args)
     def _from_cli_args(cls, parsed, *a, **kw):
         engine_args = from_cli_args(cls, parsed, *a, **kw)
+        _add_middleware(parsed)
         config = args.config_from_args(parsed)
         if config is not None:
             engine_args.additional_config = args.with_config(engine_args.additional_config, config)
@@ -49,6 +52,34 @@ def register() -> None:
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
     EngineArgs.create_engine_config = _create_engine_config
     _wrap_stat_loggers()
+    _wrap_param_check()
+
+
+def _add_middleware(parsed) -> None:
+    """``vllm serve`` builds its app from these parsed flags after the engine args."""
+    from vllm_kvcompress.vllm.request_options import MIDDLEWARE
+
+    middleware = getattr(parsed, "middleware", None)
+    if isinstance(middleware, list) and MIDDLEWARE not in middleware:
+        parsed.middleware = [*middleware, MIDDLEWARE]
+
+
+def _wrap_param_check() -> None:
+    """Requests' kv_policy / kv_budget checked where vLLM checks sampling parameters."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_kvcompress.vllm.request_options import check_params
+
+    validate = InputProcessor._validate_params
+
+    @functools.wraps(validate)
+    def _validate_params(self, params, *a, **kw):
+        result = validate(self, params, *a, **kw)
+        check_params(self.vllm_config, params)
+        return result
+
+    setattr(_validate_params, _MARK, True)
+    InputProcessor._validate_params = _validate_params
 
 
 def _wrap_stat_loggers() -> None:

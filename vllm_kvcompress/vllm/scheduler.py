@@ -21,7 +21,7 @@ from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.config import KVCompressConfig, RequestPolicies
 from vllm_kvcompress.paging.accounting import BlockGeometry, plan_layers, request_pages_bound
 from vllm_kvcompress.vllm.metrics import STATS_KEY, SchedulerMetrics
 
@@ -40,7 +40,8 @@ class CompressedKVCacheManager(KVCacheManager):
         manager.__class__ = cls
         model = vllm_config.model_config
         parallel = vllm_config.parallel_config
-        manager.policy = config.build_policy()
+        manager.policies = RequestPolicies(config)
+        manager._request_policy = {}
         manager.geometry = BlockGeometry(
             block_size=manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
             page_size=config.page_size,
@@ -49,14 +50,23 @@ class CompressedKVCacheManager(KVCacheManager):
         )
         manager._plans = {}
 
+    def policy_of(self, request):
+        """The request's policy: the server's, or its own ``kv_policy`` / ``kv_budget``."""
+        if request.request_id not in self._request_policy:
+            params = request.sampling_params
+            self._request_policy[request.request_id] = self.policies.resolve(
+                params.extra_args if params is not None else None)
+        return self._request_policy[request.request_id]
+
     def blocks_needed(self, request, computed_before: int, total_after: int) -> int:
+        policy = self.policy_of(request)
         plan = self._plans.get(request.request_id)
         if plan is None:
-            plan = plan_layers(self.policy, request.num_prompt_tokens, self.geometry.num_layers)
+            plan = plan_layers(policy, request.num_prompt_tokens, self.geometry.num_layers)
             self._plans[request.request_id] = plan
         geometry = self.geometry
         pages = request_pages_bound(
-            self.policy, plan, geometry.num_layers, geometry.num_kv_heads, geometry.page_size,
+            policy, plan, geometry.num_layers, geometry.num_kv_heads, geometry.page_size,
             request.num_prompt_tokens, computed_before, total_after,
         )
         return geometry.blocks_for_pages(pages)
@@ -64,7 +74,8 @@ class CompressedKVCacheManager(KVCacheManager):
     def allocate_slots(self, request, num_new_tokens, num_new_computed_tokens=0,
                        new_computed_blocks=None, num_lookahead_tokens=0, *args, **kwargs):
         computed = request.num_computed_tokens
-        if self.policy is None or computed < request.num_prompt_tokens or num_new_tokens == 0:
+        if (self.policy_of(request) is None or computed < request.num_prompt_tokens
+                or num_new_tokens == 0):
             # Nothing evicted (quantization only) or prefill holding the full prompt:
             # vLLM's logical accounting is exact.
             return super().allocate_slots(
@@ -113,6 +124,7 @@ class CompressedKVCacheManager(KVCacheManager):
 
     def free(self, request) -> None:
         self._plans.pop(request.request_id, None)
+        self._request_policy.pop(request.request_id, None)
         super().free(request)
 
 

@@ -20,7 +20,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
-from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.config import KVCompressConfig, RequestPolicies
 from vllm_kvcompress.paging.accounting import shares_keys
 from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.step import StepRequest
@@ -101,6 +101,7 @@ class KVCompressRunnerMixin:
             store, config.build_policy(), model.get_num_attention_heads(parallel),
             selector=config.build_selector(),
         )
+        self._kvcompress_policies = RequestPolicies(config)
         logger.info("kvcompress: policy %s, %s pages, %d pages of %d tokens (%d bytes a token-head, "
                     "%.2f GiB) for %d layers x %d KV heads", config.policy, config.page_format,
                     store.pool.num_pages, shape.page_size, shape.slot_bytes,
@@ -138,8 +139,12 @@ class KVCompressRunnerMixin:
             self.kvcompress.begin_step([
                 StepRequest(req_id, int(computed[i]), int(num_scheduled_tokens[i]), int(prompts[i]))
                 for i, req_id in enumerate(batch.req_ids[:count])
-            ])
+            ], policy_of=self._kvcompress_policy_of)
         return super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+
+    def _kvcompress_policy_of(self, req_id: str):
+        params = self.requests[req_id].sampling_params
+        return self._kvcompress_policies.resolve(params.extra_args if params is not None else None)
 
     def execute_model(self, *args, **kwargs):
         try:
