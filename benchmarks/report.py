@@ -157,7 +157,48 @@ def kernels_section(data: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"memory": memory_section, "fidelity": fidelity_section,
+def throughput_section(data: dict) -> list[str]:
+    configs = data["configs"]
+    plain, ample = configs.get("plain"), configs.get("plain-ample")
+    level = max(next(iter(configs.values()))["online"], key=int)  # the highest concurrency run
+
+    def tps(row: dict | None) -> float | None:
+        return None if row is None else row["online"][level]["output_tokens_per_s"]
+
+    lines = [
+        "### Throughput under memory pressure",
+        "",
+        f"`python -m benchmarks.throughput` ({data['requests']} requests, prompts "
+        f"{data['prompt_tokens'][0]}-{data['prompt_tokens'][1]} tokens, outputs "
+        f"{data['output_tokens'][0]}-{data['output_tokens'][1]} tokens, greedy, {level} streaming "
+        f"clients; a KV space of {data['kv_bytes'] / 1e6:.0f} MB, where plain vLLM runs "
+        "4 of the longest requests at once; `plain-ample`: plain vLLM with "
+        f"{data['ample_kv_bytes'] / 1e6:.0f} MB, the ceiling). Each configuration is its own "
+        "`vllm serve`, one after the other in the same run.",
+        "",
+        "| configuration | output tok/s | vs plain | vs ample | requests/s | peak running "
+        "| TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in configs.items():
+        r = row["online"][level]
+        vs = [f"{tps(row) / tps(ref):.2f}x" if ref is not None else ""
+              for ref in (plain, ample)]
+        lines.append(
+            f"| {name} | {r['output_tokens_per_s']:.1f} | {vs[0]} | {vs[1]} | "
+            f"{r['requests_per_s']:.3f} | {r['peak_running']:.0f} | "
+            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | "
+            f"{1000 * r['tpot_p50_s']:.0f} / {1000 * r['tpot_p99_s']:.0f} |")
+    offline = {n: row["offline"] for n, row in configs.items() if "offline" in row}
+    if offline:
+        lines += ["", "Offline (`--offline`, `LLM.generate` over the same prompts): " + ", ".join(
+            f"{n} {r['output_tokens_per_s']:.1f} tok/s" for n, r in offline.items()) + "."]
+    lines += ["", "![throughput](results/throughput.png)"]
+    return lines
+
+
+SECTIONS = {"throughput": throughput_section, "memory": memory_section,
+            "fidelity": fidelity_section,
             "accuracy": accuracy_section, "kvpress": kvpress_section, "scoring": scoring_section,
             "kernels": kernels_section}
 
