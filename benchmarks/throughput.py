@@ -198,20 +198,26 @@ def run(args) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Output tokens/s and peak running requests of every configuration (highest concurrency)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, row in result["configs"].items():
-        levels = sorted(row["online"], key=int)
-        ax.plot([int(c) for c in levels], [row["online"][c]["output_tokens_per_s"] for c in levels],
-                marker="o", label=name, linestyle="--" if name == "plain-ample" else "-")
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("output tokens / s")
-    ax.set_title(f"{result['requests']} requests, KV space {result['kv_bytes'] / 1e6:.0f} MB")
-    ax.legend(fontsize=7)
+    names = list(result["configs"])
+    level = max(result["configs"][names[0]]["online"], key=int)
+    rows = [result["configs"][n]["online"][level] for n in names]
+    fig, (tps, running) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = ["tab:gray" if n.startswith("plain") else "tab:blue" for n in names]
+    tps.bar(names, [r["output_tokens_per_s"] for r in rows], color=colors)
+    tps.set_ylabel("output tokens / s")
+    running.bar(names, [r["peak_running"] for r in rows], color=colors)
+    running.set_ylabel("peak running requests")
+    for ax in (tps, running):
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.suptitle(f"{result['requests']} requests, {level} clients, KV space "
+                 f"{result['kv_bytes'] / 1e6:.0f} MB (plain-ample: "
+                 f"{result['ample_kv_bytes'] / 1e6:.0f} MB)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

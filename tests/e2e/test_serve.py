@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from benchmarks.server import metric, vllm_server
@@ -66,3 +68,48 @@ def test_metrics_show_compression(client, server, default_model):
 def test_bad_request_is_400(client, default_model):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=default_model, prompt="hi", max_tokens=-1)
+
+
+def evicted_by(client, server, model, requests: list[dict]) -> tuple[float, float]:
+    """Tokens evicted and prompt tokens compressed while ``requests`` (extra_body of each)
+    run at once."""
+    def counters():
+        return [metric(server, f"kvcompress_{name}_total", policy="pyramidkv") or 0.0
+                for name in ("evicted_tokens", "prompt_tokens")]
+
+    before = counters()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        list(pool.map(lambda options: client.completions.create(
+            model=model, prompt=LONG_PASSAGE, max_tokens=4, temperature=0,
+            extra_body=options), requests))
+    return tuple(a - b for a, b in zip(counters(), before))
+
+
+def test_requests_choose_their_own_policy_and_budget(client, server, default_model):
+    none, tight, loose, server_default = (
+        {"kv_policy": "none"}, {"kv_policy": "snapkv", "kv_budget": 0.1}, {"kv_budget": 0.5}, {})
+    assert evicted_by(client, server, default_model, [none]) == (0.0, 0.0)
+    evicted = {}
+    for name, options in [("tight", tight), ("loose", loose), ("default", server_default)]:
+        evicted[name], compressed = evicted_by(client, server, default_model, [options])
+        assert compressed >= 800
+    assert evicted["tight"] > evicted["default"] > evicted["loose"] > 0
+    assert evicted["tight"] > 0.85 * compressed and evicted["loose"] < 0.55 * compressed
+    # The same choices in one batch evict what they evict alone: no request takes
+    # another's policy or budget.
+    together, _ = evicted_by(client, server, default_model, [none, tight, loose, server_default])
+    assert together == pytest.approx(evicted["tight"] + evicted["loose"] + evicted["default"])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"kv_policy": "h2o"}, "kv_policy: 'h2o' cannot run on this server.*allowed here: none"),
+    ({"kv_policy": "bogus"}, "unknown policy"),
+    ({"kv_budget": 3}, "kv_budget: 3 is neither.*allowed"),
+])
+def test_bad_request_options_are_400_with_the_reason(client, default_model, options, match):
+    with pytest.raises(openai.BadRequestError, match=match):
+        client.completions.create(model=default_model, prompt="hi", max_tokens=2,
+                                  extra_body=options)
+    with pytest.raises(openai.BadRequestError, match=match):
+        client.chat.completions.create(model=default_model, max_tokens=2, extra_body=options,
+                                       messages=[{"role": "user", "content": "hi"}])
