@@ -1,16 +1,32 @@
 """Long-context accuracy of every policy against the full cache, in one run.
 
     python -m benchmarks.accuracy [--policies snapkv pyramidkv ...] [--budgets 0.25 0.1] \\
-        [--context 2000] [--tasks passkey multikey] [--samples 8] [--resume]
+        [--context 2000 | --contexts 1000 2000 4000] [--tasks passkey multikey] \\
+        [--samples 8] [--resume]
 
-Tasks are generated deterministically (``benchmarks.tasks``): a pass key at
-``--samples`` depths spread over the context, and RULER's multi-key needle
-(four labelled keys, one asked for). Each configuration serves the default
-model through ``vllm serve``; plain vLLM with the full cache runs first. The
-JSON is rewritten after every configuration; ``--resume`` keeps the
-configurations an earlier run of the same tasks and context already measured. *relative* is a configuration's
-correct answers over the full cache's. Writes results/accuracy.json and
-results/accuracy.png (accuracy against budget, one line a policy).
+Tasks are generated deterministically (``benchmarks.tasks``), each at
+``--samples`` depths spread over the context. By default the two the published
+results measured: a pass key, and RULER's multi-key needle (four labelled keys,
+one asked for). ``--tasks`` adds RULER's others: ``multivalue`` (four keys for one
+label, all asked for), ``kvretrieval`` (a JSON object of UUIDs), ``vartrack``
+(a chain of variable assignments), ``commonwords`` (the ten most frequent words of
+a list; 8 of 10 count as correct) and ``qa`` (which city one person of many
+records moved to). Each configuration serves the default model through ``vllm
+serve`` (one server for all contexts); plain vLLM with the full cache runs first.
+*relative* is a configuration's correct answers over the full cache's.
+
+With one context (``--context``, the default) results/accuracy.json is as it
+always was: ``context_tokens`` a number, each configuration's ``correct`` /
+``total`` / ``per_task`` / ``per_sample``. With several (``--contexts``),
+``context_tokens`` is their list, those fields add up all contexts, each
+``per_sample`` entry names its ``context_tokens``, and ``per_context`` gives each
+context's ``correct`` / ``total`` / ``per_task`` / ``relative``.
+
+The JSON is rewritten after every configuration; ``--resume`` keeps what an earlier
+run of the same tasks and samples measured at any of the requested contexts
+(either layout), and measures only the rest. Writes results/accuracy.json and
+results/accuracy.png (accuracy against budget, one line a policy, one panel a
+context).
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ from tqdm import tqdm
 
 from benchmarks.results import save
 from benchmarks.server import vllm_server
-from benchmarks.tasks import TASKS, score
+from benchmarks.tasks import DEFAULT_TASKS, TASKS, score
 
 POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv", "chunkkv",
             "spindlekv", "quest", "pod")
@@ -34,7 +50,8 @@ POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv", "ch
 def answers(url: str, model: str, samples) -> list[bool]:
     def ask(sample) -> bool:
         response = httpx.post(f"{url}/v1/completions", timeout=1800, json={
-            "model": model, "prompt": sample.prompt, "max_tokens": 12, "temperature": 0})
+            "model": model, "prompt": sample.prompt, "max_tokens": sample.max_tokens,
+            "temperature": 0})
         response.raise_for_status()
         return score(sample, response.json()["choices"][0]["text"])
 
@@ -42,43 +59,113 @@ def answers(url: str, model: str, samples) -> list[bool]:
         return list(pool.map(ask, samples))
 
 
-def run(policies, budgets, tasks, context: int, samples_per_task: int, kv_bytes: int,
+def measure(samples, correct: list[bool], tasks) -> dict:
+    """One context's counts for one configuration (the fields of the one-context layout)."""
+    return {"correct": sum(correct), "total": len(correct),
+            "per_task": {task: sum(c for c, s in zip(correct, samples) if s.task == task)
+                         for task in tasks},
+            "per_sample": [{"task": s.task, "depth": s.depth, "correct": c}
+                           for s, c in zip(samples, correct)]}
+
+
+def earlier_measures(earlier: dict, tasks, samples_per_task: int, contexts) -> dict:
+    """{config: {context: measure}} of an earlier result, for the contexts asked for now.
+
+    Reads both layouts; nothing when its tasks or samples per task differ.
+    """
+    if earlier.get("tasks") != list(tasks) or earlier.get("samples_per_task") != samples_per_task:
+        return {}
+    found = {}
+    for name, r in earlier.get("configs", {}).items():
+        if isinstance(earlier["context_tokens"], int):
+            parts = {earlier["context_tokens"]: {k: r[k] for k in
+                                                 ("correct", "total", "per_task", "per_sample")}}
+        else:
+            parts = {int(ctx): {**{k: p[k] for k in ("correct", "total", "per_task")},
+                                "per_sample": [{k: v for k, v in s.items()
+                                                if k != "context_tokens"}
+                                               for s in r["per_sample"]
+                                               if s["context_tokens"] == int(ctx)]}
+                     for ctx, p in r["per_context"].items()}
+        parts = {ctx: m for ctx, m in parts.items() if ctx in contexts}
+        if parts:
+            found[name] = {"flags": r["flags"], "contexts": parts}
+    return found
+
+
+def combine(measured: dict, contexts, tasks) -> dict:
+    """The configurations' entries from {config: {"flags", "contexts": {context: measure}}}.
+
+    Only configurations measured at every context; ``relative`` against ``full``.
+    """
+    configs = {}
+    for name, m in measured.items():
+        if any(ctx not in m["contexts"] for ctx in contexts):
+            continue
+        if len(contexts) == 1:
+            configs[name] = {"flags": m["flags"], **m["contexts"][contexts[0]]}
+            continue
+        parts = [m["contexts"][ctx] for ctx in contexts]
+        configs[name] = {
+            "flags": m["flags"], "correct": sum(p["correct"] for p in parts),
+            "total": sum(p["total"] for p in parts),
+            "per_task": {t: sum(p["per_task"][t] for p in parts) for t in tasks},
+            "per_sample": [{**s, "context_tokens": ctx} for ctx, p in zip(contexts, parts)
+                           for s in p["per_sample"]],
+            "per_context": {str(ctx): {k: p[k] for k in ("correct", "total", "per_task")}
+                            for ctx, p in zip(contexts, parts)},
+        }
+    full = configs.get("full")
+    for r in configs.values():
+        r["relative"] = r["correct"] / full["correct"] if full and full["correct"] else None
+        for ctx, p in r.get("per_context", {}).items():
+            base = full["per_context"][ctx]["correct"] if full else 0
+            p["relative"] = p["correct"] / base if base else None
+    return configs
+
+
+def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int,
         out: Path, resume: bool) -> dict:
     from transformers import AutoTokenizer
 
     from vllm_kvcompress.models import default_model_path
 
+    contexts = [contexts] if isinstance(contexts, int) else list(dict.fromkeys(contexts))
     model = str(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model)
     depths = [(i + 0.5) / samples_per_task for i in range(samples_per_task)]
-    samples = [s for task in tasks for s in TASKS[task](tokenizer, context, depths=depths)]
+    samples = {ctx: [s for task in tasks for s in TASKS[task](tokenizer, ctx, depths=depths)]
+               for ctx in contexts}
     configs = {"full": ()}
     for policy in policies:
         for budget in budgets:
             configs[f"{policy}@{budget}"] = ("--kv-policy", policy, "--kv-budget", str(budget))
-    result = {"context_tokens": context, "tasks": list(tasks), "budgets": list(budgets),
+    result = {"context_tokens": contexts[0] if len(contexts) == 1 else contexts,
+              "tasks": list(tasks), "budgets": list(budgets),
               "samples_per_task": samples_per_task, "configs": {}}
+    measured = {}
     if resume and out.exists():
         earlier = json.loads(out.read_text())
-        if all(earlier.get(k) == result[k] for k in ("context_tokens", "tasks", "samples_per_task")):
-            result["configs"] = earlier["configs"]
+        measured = earlier_measures(earlier, tasks, samples_per_task, contexts)
+        if measured:
             result["budgets"] = sorted(set(budgets) | set(earlier["budgets"]), reverse=True)
-    results = result["configs"]
+        dropped = [n for n, m in measured.items()
+                   if n not in configs and len(m["contexts"]) < len(contexts)]
+        if dropped:
+            print(f"not at every context, not asked for, dropped: {', '.join(dropped)}")
     for name, flags in tqdm(configs.items(), desc="configs"):
-        if name in results:
+        entry = measured.setdefault(name, {"flags": list(flags), "contexts": {}})
+        missing = [ctx for ctx in contexts if ctx not in entry["contexts"]]
+        if not missing:
             continue
         with vllm_server(model, *flags, kv_bytes=kv_bytes) as url:
-            correct = answers(url, model, samples)
-        per_task = {task: sum(c for c, s in zip(correct, samples) if s.task == task)
-                    for task in tasks}
-        results[name] = {"flags": list(flags), "correct": sum(correct), "total": len(correct),
-                         "per_task": per_task,
-                         "per_sample": [{"task": s.task, "depth": s.depth, "correct": c}
-                                        for s, c in zip(samples, correct)]}
-        full = results["full"]["correct"]
-        for r in results.values():
-            r["relative"] = r["correct"] / full if full else None
-        save(result, out, plot)  # a crash or an interrupt keeps what was measured
+            for ctx in missing:
+                entry["contexts"][ctx] = measure(samples[ctx], answers(url, model, samples[ctx]),
+                                                 tasks)
+                result["configs"] = combine(measured, contexts, tasks)
+                save(result, out, plot)  # a crash or an interrupt keeps what was measured
+    result["configs"] = combine(measured, contexts, tasks)
+    save(result, out, plot)
     return result
 
 
@@ -88,41 +175,59 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    full = result["configs"]["full"]
+    contexts = result["context_tokens"]
+    panels = [(contexts, lambda r: r)] if isinstance(contexts, int) else [
+        (ctx, lambda r, ctx=ctx: r["per_context"][str(ctx)]) for ctx in contexts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     budgets = sorted(result["budgets"])
-    for name in sorted({n.split("@")[0] for n in result["configs"] if "@" in n}):
-        points = [(b, result["configs"][f"{name}@{b}"]) for b in budgets
-                  if f"{name}@{b}" in result["configs"]]
-        ax.plot([b for b, _ in points], [100 * r["correct"] / r["total"] for _, r in points],
-                marker="o", label=name)
-    ax.axhline(100 * full["correct"] / full["total"], color="black", linestyle="--",
-               label="full cache (plain vLLM)")
-    ax.set_xscale("log")
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("KV budget (fraction of the prompt)")
-    ax.set_ylabel("correct answers (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{' + '.join(result['tasks'])}, ~{result['context_tokens']} tokens")
-    ax.legend(fontsize=7, ncol=2)
+    for ax, (ctx, part) in zip(axes[0], panels):
+        if "full" not in result["configs"]:
+            continue
+        full = part(result["configs"]["full"])
+        for name in sorted({n.split("@")[0] for n in result["configs"] if "@" in n}):
+            points = [(b, part(result["configs"][f"{name}@{b}"])) for b in budgets
+                      if f"{name}@{b}" in result["configs"]]
+            ax.plot([b for b, _ in points], [100 * r["correct"] / r["total"] for _, r in points],
+                    marker="o", label=name)
+        ax.axhline(100 * full["correct"] / full["total"], color="black", linestyle="--",
+                   label="full cache (plain vLLM)")
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("KV budget (fraction of the prompt)")
+        ax.set_ylabel("correct answers (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title(f"{' + '.join(result['tasks'])}, ~{ctx} tokens")
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def budget(text: str) -> float:
+    """A KV budget as a fraction of the prompt, in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.1])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(TASKS))
-    parser.add_argument("--context", type=int, default=2000)
+    parser.add_argument("--budgets", nargs="+", type=budget, default=[0.25, 0.1],
+                        help="fractions of the prompt kept, e.g. 1.0 0.5 0.25 0.1")
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--context", type=int, default=2000, help="prompt length in tokens")
+    length.add_argument("--contexts", type=int, nargs="+",
+                        help="several prompt lengths, e.g. 1000 2000 4000 (instead of --context)")
     parser.add_argument("--samples", type=int, default=8, help="samples per task (needle depths)")
     parser.add_argument("--resume", action="store_true",
-                        help="skip configurations already in --out (same tasks and context)")
+                        help="skip what --out already holds (same tasks and samples, per context)")
     parser.add_argument("--kv-bytes", type=int, default=1_000_000_000)
     parser.add_argument("--out", type=Path, default=Path("results/accuracy.json"))
     args = parser.parse_args(argv)
-    result = run(args.policies, args.budgets, args.tasks, args.context, args.samples,
-                 args.kv_bytes, args.out, args.resume)
+    result = run(args.policies, args.budgets, args.tasks, args.contexts or [args.context],
+                 args.samples, args.kv_bytes, args.out, args.resume)
     for name, r in result["configs"].items():
         rel = "" if r["relative"] is None else f"  {100 * r['relative']:5.1f}% of full"
         print(f"{name:18} {r['correct']:3}/{r['total']}  {r['per_task']}{rel}")

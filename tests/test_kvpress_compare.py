@@ -24,10 +24,11 @@ def test_split_puts_the_question_after_the_haystack_and_loses_nothing(task):
         prompt = PREFIX + sample.prompt + SUFFIX  # tokenizer None: the bare user text
         context, question = split_prompt(prompt, PREFIX, SUFFIX)
         assert PREFIX + context + question + SUFFIX == prompt
-        assert question.lstrip().startswith("What is the pass key")
-        assert question.startswith(" \n\n")  # the whitespace goes with the question
+        if task in ("passkey", "multikey"):
+            assert question.lstrip().startswith("What is the pass key")
+        assert question.lstrip(" ").startswith("\n\n")  # the whitespace goes with the question
         assert not context[-1].isspace()
-        assert sample.answer in context and sample.answer not in question
+        assert all(a in context and a not in question for a in sample.answers)
 
 
 def test_split_rejects_a_prompt_in_another_format():
