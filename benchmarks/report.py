@@ -189,6 +189,10 @@ def throughput_section(data: dict) -> list[str]:
             f"{r['requests_per_s']:.3f} | {r['peak_running']:.0f} | "
             f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | "
             f"{1000 * r['tpot_p50_s']:.0f} / {1000 * r['tpot_p99_s']:.0f} |")
+    if plain is not None and ample is not None:
+        lines += ["", f"The ceiling: with memory for every request, plain vLLM is "
+                  f"{tps(ample) / tps(plain):.2f}x faster than in the tight space, so that is the "
+                  "most compression can gain in this run."]
     offline = {n: row["offline"] for n, row in configs.items() if "offline" in row}
     if offline:
         lines += ["", "Offline (`--offline`, `LLM.generate` over the same prompts): " + ", ".join(
