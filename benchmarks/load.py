@@ -1,11 +1,15 @@
-"""Send a batch of requests to a running server and watch vLLM's own gauges.
+"""Send requests to a running server and watch vLLM's own gauges.
 
-Loopback only; bounded in count and time. Used by the capacity test and the
-throughput benchmark.
+Loopback only; bounded in count and time. ``run_load``: fixed-length greedy
+completions (the capacity test). ``run_mixed_load``: what an operator's users
+send (lengths, chat and completions, streaming, per-request policies, clients
+that hang up or give up), for the load test (``tests/e2e/test_load.py``).
 """
 
 from __future__ import annotations
 
+import math
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,3 +86,118 @@ def run_load(
     done.set()
     poller.join()
     return result
+
+
+def wait_idle(url: str, timeout: float = 120) -> None:
+    """Return once no request runs or waits (and one more engine step has freed pages)."""
+    from benchmarks.server import metric
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = metric(url, "vllm:num_requests_running") or 0
+        waiting = metric(url, "vllm:num_requests_waiting") or 0
+        if running == 0 and waiting == 0:
+            time.sleep(2)
+            return
+        time.sleep(0.5)
+    raise TimeoutError("server did not drain")
+
+
+def server_rss_bytes(url: str) -> int:
+    """Resident memory of the ``vllm serve`` listening at ``url`` and all its children."""
+    import psutil
+
+    port = url.rsplit(":", 1)[1]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "serve" in cmd and "--port" in cmd and cmd[cmd.index("--port") + 1] == port:
+            return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    raise LookupError(f"no vllm serve process on port {port}")
+
+
+# -- mixed load: what an operator's users send -------------------------------------------
+
+RECORD = "In {year}, {name} moved {km} km to {city} and opened a shop selling {item}."
+_NAMES = "Ada Bruno Chen Dara Emil Fatima Goran Hana Ivo Jana Kofi Lena".split()
+_CITIES = "Oslo Lima Pune Accra Kyoto Porto Quito Riga Sofia Tunis".split()
+_ITEMS = "lamps maps kites bread tea rope glass boots clocks soap".split()
+
+
+def records(rng: random.Random, tokens: int) -> str:
+    """About ``tokens`` tokens of records (one is ~24 tokens with SmolLM2's tokenizer)."""
+    return " ".join(RECORD.format(year=rng.randint(1900, 2020), name=rng.choice(_NAMES),
+                                  km=rng.randint(2, 999), city=rng.choice(_CITIES),
+                                  item=rng.choice(_ITEMS))
+                    for _ in range(max(1, tokens // 24)))
+
+
+@dataclass
+class Call:
+    """One client request of a mixed load and how it is to behave."""
+
+    seed: int
+    tokens: int  # about this many prompt tokens
+    max_tokens: int
+    chat: bool
+    stream: bool
+    options: dict  # kv_policy / kv_budget (extra_body)
+    behaviour: str  # "complete", "abort" (hang up mid-stream), "disconnect" (give up waiting)
+
+
+def plan_mixed_load(count: int, seed: int, options: list[dict], min_tokens: int = 100,
+                    max_tokens: int = 4000) -> list[Call]:
+    """Prompt lengths log-uniform in [min_tokens, max_tokens]; half streamed, half chat;
+    10% hang up mid-stream, 5% give up before the answer; options drawn uniformly."""
+    rng = random.Random(seed)
+    calls = []
+    for i in range(count):
+        tokens = int(math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens))))
+        draw = rng.random()
+        behaviour = "abort" if draw < 0.10 else "disconnect" if draw < 0.15 else "complete"
+        calls.append(Call(seed=seed * 100_003 + i, tokens=tokens, max_tokens=rng.randint(4, 48),
+                          chat=rng.random() < 0.5,
+                          stream=behaviour == "abort" or rng.random() < 0.5,
+                          options=rng.choice(options), behaviour=behaviour))
+    return calls
+
+
+def call_body(model: str, call: Call) -> tuple[str, dict]:
+    text = records(random.Random(call.seed), call.tokens) + "\nSummarise the records."
+    body = {"model": model, "max_tokens": call.max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": call.stream, **call.options}
+    if call.chat:
+        return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": text}]}
+    return "/v1/completions", body | {"prompt": text}
+
+
+def send_call(url: str, model: str, call: Call, timeout_s: float = 900) -> str:
+    """Run one call; returns ``status N``, ``ok``, ``aborted`` or ``disconnected``."""
+    path, body = call_body(model, call)
+    if call.behaviour == "disconnect":
+        try:  # a client that stops waiting: the server sees the connection close
+            response = httpx.post(f"{url}{path}", json=body, timeout=0.5)
+            return "ok" if response.status_code == 200 else f"status {response.status_code}"
+        except httpx.TimeoutException:
+            return "disconnected"
+    if not call.stream:
+        response = httpx.post(f"{url}{path}", json=body, timeout=timeout_s)
+        return "ok" if response.status_code == 200 else f"status {response.status_code}"
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=timeout_s) as response:
+        if response.status_code != 200:
+            return f"status {response.status_code}"
+        for i, line in enumerate(response.iter_lines()):
+            if call.behaviour == "abort" and i >= 2:
+                return "aborted"  # leaving the block closes the connection
+            if line.startswith("data: {") and '"error"' in line:
+                return "stream error"
+    return "ok"
+
+
+def run_mixed_load(url: str, model: str, calls: list[Call], concurrency: int = 32
+                   ) -> list[str]:
+    """Every call, ``concurrency`` at a time, with a progress bar; outcomes in call order."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(tqdm(pool.map(lambda c: send_call(url, model, c), calls), total=len(calls),
+                         desc="requests", mininterval=10))

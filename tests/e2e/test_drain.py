@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from benchmarks.load import wait_idle
 from benchmarks.server import metric, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -36,18 +36,6 @@ def one_request(url: str, model: str, seed: int) -> str:
         return "streamed"
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
     return "ok" if response.status_code == 200 else f"status {response.status_code}"
-
-
-def wait_idle(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = metric(url, "vllm:num_requests_running") or 0
-        waiting = metric(url, "vllm:num_requests_waiting") or 0
-        if running == 0 and waiting == 0:
-            time.sleep(2)  # one more engine step releases the last requests' pages
-            return
-        time.sleep(0.5)
-    raise TimeoutError("server did not drain")
 
 
 @pytest.mark.parametrize("policy", ["pyramidkv", pytest.param("h2o", marks=pytest.mark.slow)])
