@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Self
 
 import httpx
 
@@ -36,6 +37,34 @@ def _gauge(text: str, name: str) -> float:
     return total
 
 
+class PeakGauge:
+    """Context manager: polls ``name`` on ``/metrics`` in a thread; ``peak`` is its maximum."""
+
+    def __init__(self, url: str, name: str = "vllm:num_requests_running", every_s: float = 0.25):
+        self.url, self.name, self.every_s = url, name, every_s
+        self.peak = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._done.is_set():
+                try:
+                    self.peak = max(self.peak, _gauge(client.get(f"{self.url}/metrics").text,
+                                                      self.name))
+                except httpx.HTTPError:
+                    pass
+                self._done.wait(self.every_s)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_load(
     url: str,
     model: str,
@@ -47,18 +76,6 @@ def run_load(
 ) -> LoadResult:
     """Complete every prompt (greedy, fixed output length) while polling /metrics."""
     result = LoadResult()
-    done = threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(timeout=10) as client:
-            while not done.is_set():
-                try:
-                    text = client.get(f"{url}/metrics").text
-                    running = _gauge(text, "vllm:num_requests_running")
-                    result.max_running = max(result.max_running, running)
-                except httpx.HTTPError:
-                    pass
-                done.wait(poll_s)
 
     def send(prompt: str) -> None:
         start = time.monotonic()
@@ -77,14 +94,12 @@ def run_load(
         except (httpx.HTTPError, KeyError) as exc:
             result.failed.append(repr(exc))
 
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
     start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=concurrency or len(prompts)) as pool:
+    with PeakGauge(url, every_s=poll_s) as running, \
+            ThreadPoolExecutor(max_workers=concurrency or len(prompts)) as pool:
         list(pool.map(send, prompts))
     result.elapsed_s = time.monotonic() - start
-    done.set()
-    poller.join()
+    result.max_running = running.peak
     return result
 
 
@@ -172,21 +187,26 @@ def call_body(model: str, call: Call) -> tuple[str, dict]:
 
 def send_call(url: str, model: str, call: Call, timeout_s: float = 900) -> str:
     """Run one call; returns ``status N``, ``ok``, ``aborted`` or ``disconnected``."""
-    path, body = call_body(model, call)
-    if call.behaviour == "disconnect":
+    return send_body(url, *call_body(model, call), call.behaviour, timeout_s)
+
+
+def send_body(url: str, path: str, body: dict, behaviour: str, timeout_s: float = 900) -> str:
+    """POST ``body`` (streamed if it asks to be) and behave as told (see :class:`Call`);
+    returns ``status N``, ``ok``, ``aborted``, ``disconnected`` or ``stream error``."""
+    if behaviour == "disconnect":
         try:  # a client that stops waiting: the server sees the connection close
             response = httpx.post(f"{url}{path}", json=body, timeout=0.5)
             return "ok" if response.status_code == 200 else f"status {response.status_code}"
         except httpx.TimeoutException:
             return "disconnected"
-    if not call.stream:
+    if not body.get("stream"):
         response = httpx.post(f"{url}{path}", json=body, timeout=timeout_s)
         return "ok" if response.status_code == 200 else f"status {response.status_code}"
     with httpx.stream("POST", f"{url}{path}", json=body, timeout=timeout_s) as response:
         if response.status_code != 200:
             return f"status {response.status_code}"
         for i, line in enumerate(response.iter_lines()):
-            if call.behaviour == "abort" and i >= 2:
+            if behaviour == "abort" and i >= 2:
                 return "aborted"  # leaving the block closes the connection
             if line.startswith("data: {") and '"error"' in line:
                 return "stream error"

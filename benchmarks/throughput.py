@@ -24,7 +24,6 @@ import json
 import random
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,8 +32,9 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.load import PeakGauge
 from benchmarks.results import save
-from benchmarks.server import CPU_FLAGS, metric, vllm_server
+from benchmarks.server import CPU_FLAGS, vllm_server
 from benchmarks.tasks import documents
 
 CONFIGS: dict[str, tuple[str, ...]] = {
@@ -84,27 +84,11 @@ def stream_one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
 
 
 def online(url: str, model: str, pairs, concurrency: int) -> dict:
-    peak = 0.0
-    done = threading.Event()
-
-    def poll() -> None:
-        nonlocal peak
-        while not done.is_set():
-            try:
-                peak = max(peak, metric(url, "vllm:num_requests_running") or 0.0)
-            except httpx.HTTPError:
-                pass
-            done.wait(0.25)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
     start = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with PeakGauge(url) as running, ThreadPoolExecutor(concurrency) as pool:
         runs = list(pool.map(lambda p: stream_one(url, model, *p), pairs))
     elapsed = time.monotonic() - start
-    done.set()
-    poller.join()
-    return summarize(runs, elapsed) | {"peak_running": peak}
+    return summarize(runs, elapsed) | {"peak_running": running.peak}
 
 
 def summarize(runs: list[dict], elapsed: float) -> dict:

@@ -135,6 +135,7 @@ def test_request_policies_are_built_once_per_choice():
     policies = RequestPolicies(KVCompressConfig(policy="snapkv", budget=0.25))
     server = policies.resolve(None)
     assert server.name == "snapkv" and policies.resolve({}) is server
+    assert policies.of(None) is server
     mine = policies.resolve({"kv_policy": "pyramidkv", "kv_budget": 0.1})
     assert (mine.name, mine.budget) == ("pyramidkv", 0.1)
     assert policies.resolve({"kv_policy": "pyramidkv", "kv_budget": 0.1}) is mine

@@ -249,6 +249,10 @@ class RequestPolicies:
             self._built[key] = config.build_policy()
         return self._built[key]
 
+    def of(self, params: Any) -> Policy | None:
+        """The policy of a request with these sampling parameters (their ``extra_args``)."""
+        return self.resolve(getattr(params, "extra_args", None))
+
 
 class PresetError(ValueError):
     """A preset file that cannot be used; the message names file, line and reason."""

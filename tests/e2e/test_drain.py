@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from benchmarks.load import wait_idle
+from benchmarks.load import send_body, wait_idle
 from benchmarks.server import metric, vllm_server
 
 pytestmark = pytest.mark.e2e
@@ -25,17 +25,10 @@ def one_request(url: str, model: str, seed: int) -> str:
     rng = random.Random(seed)
     body = {"model": model, "prompt": random_prompt(rng, rng.randint(20, 700)),
             "max_tokens": rng.randint(4, 48), "temperature": 0, "ignore_eos": True}
+    behaviour = "complete"
     if rng.random() < 0.3:
-        body["stream"] = True
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
-            if response.status_code != 200:
-                return f"status {response.status_code}"
-            for i, _ in enumerate(response.iter_lines()):
-                if i >= 2:
-                    return "aborted"  # leaving the block closes the connection
-        return "streamed"
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
-    return "ok" if response.status_code == 200 else f"status {response.status_code}"
+        body["stream"], behaviour = True, "abort"
+    return send_body(url, "/v1/completions", body, behaviour, timeout_s=600)
 
 
 @pytest.mark.parametrize("policy", ["pyramidkv", pytest.param("h2o", marks=pytest.mark.slow)])

@@ -53,9 +53,7 @@ class CompressedKVCacheManager(KVCacheManager):
     def policy_of(self, request):
         """The request's policy: the server's, or its own ``kv_policy`` / ``kv_budget``."""
         if request.request_id not in self._request_policy:
-            params = request.sampling_params
-            self._request_policy[request.request_id] = self.policies.resolve(
-                params.extra_args if params is not None else None)
+            self._request_policy[request.request_id] = self.policies.of(request.sampling_params)
         return self._request_policy[request.request_id]
 
     def blocks_needed(self, request, computed_before: int, total_after: int) -> int:

@@ -97,11 +97,11 @@ class KVCompressRunnerMixin:
             max_tokens_per_row=model.max_model_len,
             device=self.device,
         )
+        self._kvcompress_policies = RequestPolicies(config)
         self.kvcompress = KVCompressor(
-            store, config.build_policy(), model.get_num_attention_heads(parallel),
+            store, self._kvcompress_policies.resolve(None), model.get_num_attention_heads(parallel),
             selector=config.build_selector(),
         )
-        self._kvcompress_policies = RequestPolicies(config)
         logger.info("kvcompress: policy %s, %s pages, %d pages of %d tokens (%d bytes a token-head, "
                     "%.2f GiB) for %d layers x %d KV heads", config.policy, config.page_format,
                     store.pool.num_pages, shape.page_size, shape.slot_bytes,
@@ -143,8 +143,7 @@ class KVCompressRunnerMixin:
         return super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
 
     def _kvcompress_policy_of(self, req_id: str):
-        params = self.requests[req_id].sampling_params
-        return self._kvcompress_policies.resolve(params.extra_args if params is not None else None)
+        return self._kvcompress_policies.of(self.requests[req_id].sampling_params)
 
     def execute_model(self, *args, **kwargs):
         try:
