@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,7 +127,7 @@ def combine(measured: dict, contexts, tasks) -> dict:
 
 
 def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int,
-        out: Path, resume: bool) -> dict:
+        out: Path, resume: bool, command: str = "python -m benchmarks.accuracy") -> dict:
     from transformers import AutoTokenizer
 
     from vllm_kvcompress.models import default_model_path
@@ -140,7 +142,8 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
     for policy in policies:
         for budget in budgets:
             configs[f"{policy}@{budget}"] = ("--kv-policy", policy, "--kv-budget", str(budget))
-    result = {"context_tokens": contexts[0] if len(contexts) == 1 else contexts,
+    result = {"command": command,
+              "context_tokens": contexts[0] if len(contexts) == 1 else contexts,
               "tasks": list(tasks), "budgets": list(budgets),
               "samples_per_task": samples_per_task, "configs": {}}
     measured = {}
@@ -225,9 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip what --out already holds (same tasks and samples, per context)")
     parser.add_argument("--kv-bytes", type=int, default=1_000_000_000)
     parser.add_argument("--out", type=Path, default=Path("results/accuracy.json"))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     result = run(args.policies, args.budgets, args.tasks, args.contexts or [args.context],
-                 args.samples, args.kv_bytes, args.out, args.resume)
+                 args.samples, args.kv_bytes, args.out, args.resume,
+                 shlex.join(["python", "-m", "benchmarks.accuracy", *argv]))
     for name, r in result["configs"].items():
         rel = "" if r["relative"] is None else f"  {100 * r['relative']:5.1f}% of full"
         print(f"{name:18} {r['correct']:3}/{r['total']}  {r['per_task']}{rel}")

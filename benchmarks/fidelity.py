@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import httpx
@@ -159,8 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--kv-bytes", type=int, default=1_000_000_000)
     parser.add_argument("--out", type=Path, default=Path("results/fidelity.json"))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    result = run(args.configs, args.context, args.prompts, args.tokens, args.kv_bytes)
+    result = {"command": shlex.join(["python", "-m", "benchmarks.fidelity", *argv]),
+              **run(args.configs, args.context, args.prompts, args.tokens, args.kv_bytes)}
     save(result, args.out, plot)
     for name, r in result["configs"].items():
         if "error" in r:

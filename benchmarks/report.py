@@ -38,11 +38,13 @@ def memory_section(data: dict) -> list[str]:
     return lines
 
 
-def fidelity_section(data: dict) -> list[str]:
+def fidelity_section(data: dict, name: str = "fidelity",
+                     title: str = "Fidelity to the full cache") -> list[str]:
+    command = data.get("command", "python -m benchmarks.fidelity")
     lines = [
-        "### Fidelity to the full cache",
+        f"### {title}",
         "",
-        f"`python -m benchmarks.fidelity` ({data['prompts']} prompts of ~{data['context_tokens']} "
+        f"`{command}` ({data['prompts']} prompts of ~{data['context_tokens']} "
         f"tokens, {data['tokens']} greedy tokens each, against plain vLLM in the same run; "
         "agreement and KL teacher-forced along plain vLLM's continuation, prefix free-running)",
         "",
@@ -50,14 +52,18 @@ def fidelity_section(data: dict) -> list[str]:
         "| KL (top-20 est.) | free-running tokens before first difference |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for name, r in data["configs"].items():
+    for config, r in data["configs"].items():
         if "error" in r:
-            lines.append(f"| {name} | cannot run on this machine: {r['error']} | | | |")
+            lines.append(f"| {config} | cannot run on this machine: {r['error']} | | | |")
         else:
-            lines.append(f"| {name} | {r['kv_tokens']} | {100 * r['agreement']:.1f}% | "
+            lines.append(f"| {config} | {r['kv_tokens']} | {100 * r['agreement']:.1f}% | "
                          f"{max(r['kl'], 0.0):.4f} | {r['prefix_tokens']:.0f} |")  # float noise below 0
-    lines += ["", "![fidelity](results/fidelity.png)"]
+    lines += ["", f"![{name}](results/{name}.png)"]
     return lines
+
+
+def policies_fidelity_section(data: dict) -> list[str]:
+    return fidelity_section(data, "fidelity_policies", "Fidelity of the eviction policies")
 
 
 def accuracy_section(data: dict) -> list[str]:
@@ -87,6 +93,66 @@ def accuracy_section(data: dict) -> list[str]:
             cells.append(f"{r['correct']}/{r['total']} = {split}{rel}")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy](results/accuracy.png)"]
+    return lines
+
+
+def accuracy_grid_section(data: dict) -> list[str]:
+    """Several tasks, lengths and budgets: the full cache per task, then each policy's share."""
+    tasks, configs, contexts = data["tasks"], data["configs"], data["context_tokens"]
+    contexts = [contexts] if isinstance(contexts, int) else contexts
+    budgets = sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
+    full = configs["full"]
+    per = data["samples_per_task"]
+
+    def part(r: dict, ctx: int) -> dict:
+        return r["per_context"][str(ctx)] if "per_context" in r else r
+
+    lines = [
+        "### Long-context accuracy over lengths and budgets",
+        "",
+        f"`{data.get('command', 'python -m benchmarks.accuracy')}` ({len(tasks)} tasks, {per} "
+        f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
+        "same run). The full cache's correct answers per task, out of "
+        f"{per}:",
+        "",
+        "| task | " + " | ".join(f"~{c} tokens" for c in contexts) + " |",
+        "| --- | " + " | ".join("---:" for _ in contexts) + " |",
+    ]
+    for task in tasks:
+        lines.append(f"| {task} | " + " | ".join(str(part(full, c)["per_task"][task])
+                                                  for c in contexts) + " |")
+    lines += [
+        "",
+        f"Each policy: correct answers over every task and length, and the share of the full "
+        f"cache's ({full['correct']}/{full['total']}).",
+        "",
+        "| policy | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
+        "| --- | " + " | ".join("---:" for _ in budgets) + " |",
+    ]
+    shares: dict[float, dict[str, float]] = {b: {} for b in budgets}
+    for policy in dict.fromkeys(n.split("@")[0] for n in configs if "@" in n):
+        cells = []
+        for b in budgets:
+            r = configs.get(f"{policy}@{b}") or configs.get(f"{policy}@{b:g}")
+            if r is None:
+                cells.append("")
+                continue
+            rel = "" if r["relative"] is None else f" ({100 * r['relative']:.0f}%)"
+            if r["relative"] is not None:
+                shares[b][policy] = r["relative"]
+            cells.append(f"{r['correct']}/{r['total']}{rel}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    targets = []
+    for b, bar in ((0.25, 0.95), (0.1, 0.85)):
+        if shares.get(b):
+            met = [p for p, v in shares[b].items() if v >= bar]
+            missed = [f"{p} ({100 * v:.0f}%)" for p, v in shares[b].items() if v < bar]
+            targets.append(f"at budget {b:g}, >= {100 * bar:.0f}% of the full cache: "
+                           f"met by {', '.join(met) or 'none'}"
+                           + (f"; missed by {', '.join(missed)}" if missed else ""))
+    if targets:
+        lines += ["", "Targets: " + "; ".join(targets) + "."]
+    lines += ["", "![accuracy_grid](results/accuracy_grid.png)"]
     return lines
 
 
@@ -201,10 +267,45 @@ def throughput_section(data: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"throughput": throughput_section, "memory": memory_section,
-            "fidelity": fidelity_section,
-            "accuracy": accuracy_section, "kvpress": kvpress_section, "scoring": scoring_section,
-            "kernels": kernels_section}
+def offline_throughput_section(data: dict) -> list[str]:
+    configs = data["configs"]
+
+    def tps(name: str) -> float | None:
+        return configs[name]["offline"]["output_tokens_per_s"] if name in configs else None
+
+    lines = [
+        "### Throughput under memory pressure, offline",
+        "",
+        f"`{data.get('command', 'python -m benchmarks.throughput --modes offline')}` (`LLM.generate` "
+        f"over the same {data['requests']} prompts, all submitted at once; KV space "
+        f"{data['kv_bytes'] / 1e6:.0f} MB, `plain-ample` {data['ample_kv_bytes'] / 1e6:.0f} MB; "
+        "each configuration its own engine, one after the other in the same run)",
+        "",
+        "| configuration | output tok/s | vs plain | vs ample | requests/s | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in configs.items():
+        r = row["offline"]
+        vs = [f"{r['output_tokens_per_s'] / tps(ref):.2f}x" if tps(ref) else ""
+              for ref in ("plain", "plain-ample")]
+        lines.append(f"| {name} | {r['output_tokens_per_s']:.1f} | {vs[0]} | {vs[1]} | "
+                     f"{r['requests_per_s']:.3f} | {r['elapsed_s']:.0f} |")
+    lines += ["", "![throughput_offline](results/throughput_offline.png)"]
+    return lines
+
+
+SECTIONS = {"throughput": throughput_section, "throughput_offline": offline_throughput_section,
+            "memory": memory_section,
+            "fidelity": fidelity_section, "fidelity_policies": policies_fidelity_section,
+            "accuracy": accuracy_section, "accuracy_grid": accuracy_grid_section,
+            "kvpress": kvpress_section, "scoring": scoring_section, "kernels": kernels_section}
+# The benchmark behind each results file, where its name is not the file's.
+COMMANDS = {"throughput_offline": "python -m benchmarks.throughput --modes offline "
+                                  "--out results/throughput_offline.json",
+            "fidelity_policies": "python -m benchmarks.fidelity --configs plain snapkv@0.25 ... "
+                                 "--out results/fidelity_policies.json",
+            "accuracy_grid": "python -m benchmarks.accuracy --contexts 1000 2000 4000 --tasks ... "
+                             "--out results/accuracy_grid.json"}
 
 
 def render() -> str:
@@ -212,7 +313,8 @@ def render() -> str:
     for name, section in SECTIONS.items():
         data = _load(name)
         if data is None:
-            lines += [f"### {name}", "", f"Not run yet: `python -m benchmarks.{name}`."]
+            command = COMMANDS.get(name, f"python -m benchmarks.{name}")
+            lines += [f"### {name}", "", f"Not run yet: `{command}`."]
         else:
             lines += section(data)
         lines.append("")

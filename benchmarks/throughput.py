@@ -2,7 +2,7 @@
 
     python -m benchmarks.throughput [--configs plain-ample plain pyramidkv@0.25 ...] \\
         [--requests 16] [--prompt-tokens 1000 4000] [--output-tokens 128 512] \\
-        [--concurrency 16] [--offline]
+        [--concurrency 16] [--modes online offline]
 
 The KV space is fixed (``--kv-bytes``, by default what plain vLLM needs for
 ``--plain-fits`` of the longest requests at once), except for ``plain-ample``:
@@ -10,8 +10,10 @@ plain vLLM with room for every request, the ceiling compression can at best
 reach. Online: a real ``vllm serve`` per configuration and, per concurrency,
 every request streamed over the OpenAI API (output tokens/s, requests/s, TTFT
 and TPOT percentiles, peak running requests from vLLM's own gauge).
-``--offline`` also times ``LLM.generate`` over the same prompts, one process per
-configuration. Writes results/throughput.json and results/throughput.png.
+Offline (``--modes offline``, or ``--offline`` for both): ``LLM.generate`` over the
+same prompts, one process per configuration. Writes results/throughput.json and
+results/throughput.png; an offline-only run goes to ``--out
+results/throughput_offline.json`` (its own table in the README).
 
 On 2 CPU cores one run of the default configurations takes about 8 minutes a
 configuration (``--offline`` doubles it).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -165,16 +168,18 @@ def run(args) -> dict:
     # Every configuration serves the same context length: the longest request, not 8K, so the
     # smallest KV space can still start the engine.
     max_len = ("--max-model-len", str(-(-longest // 256) * 256))
-    result = {"requests": args.requests, "prompt_tokens": list(args.prompt_tokens),
+    result = {"command": args.command, "requests": args.requests, "prompt_tokens": list(args.prompt_tokens),
               "output_tokens": list(args.output_tokens), "kv_bytes": kv_bytes,
               "ample_kv_bytes": ample, "flags": CPU_FLAGS + list(max_len), "configs": {}}
     for name in tqdm(args.configs, desc="configs"):
         flags, budget = CONFIGS[name] + max_len, ample if name == "plain-ample" else kv_bytes
-        row = {"flags": list(flags), "kv_bytes": budget, "online": {}}
-        with vllm_server(model, *flags, kv_bytes=budget, startup_timeout=900) as url:
-            for concurrency in args.concurrency:
-                row["online"][str(concurrency)] = online(url, model, pairs, concurrency)
-        if args.offline:
+        row = {"flags": list(flags), "kv_bytes": budget}
+        if "online" in args.modes:
+            row["online"] = {}
+            with vllm_server(model, *flags, kv_bytes=budget, startup_timeout=900) as url:
+                for concurrency in args.concurrency:
+                    row["online"][str(concurrency)] = online(url, model, pairs, concurrency)
+        if "offline" in args.modes:
             row["offline"] = offline(model, flags, budget, pairs)
         result["configs"][name] = row
         save(result, args.out, plot)  # an interrupted run keeps what it measured
@@ -189,18 +194,26 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["configs"])
-    level = max(result["configs"][names[0]]["online"], key=int)
-    rows = [result["configs"][n]["online"][level] for n in names]
-    fig, (tps, running) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [result["configs"][n] for n in names]
     colors = ["tab:gray" if n.startswith("plain") else "tab:blue" for n in names]
-    tps.bar(names, [r["output_tokens_per_s"] for r in rows], color=colors)
-    tps.set_ylabel("output tokens / s")
-    running.bar(names, [r["peak_running"] for r in rows], color=colors)
-    running.set_ylabel("peak running requests")
-    for ax in (tps, running):
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.suptitle(f"{result['requests']} requests, {level} clients, KV space "
-                 f"{result['kv_bytes'] / 1e6:.0f} MB (plain-ample: "
+    if "online" not in rows[0]:  # an offline-only run: LLM.generate's throughput alone
+        fig, tps = plt.subplots(figsize=(6, 4))
+        tps.bar(names, [r["offline"]["output_tokens_per_s"] for r in rows], color=colors)
+        tps.set_ylabel("output tokens / s (LLM.generate)")
+        tps.tick_params(axis="x", rotation=30, labelsize=8)
+        title = f"{result['requests']} requests offline"
+    else:
+        level = max(rows[0]["online"], key=int)
+        rows = [r["online"][level] for r in rows]
+        fig, (tps, running) = plt.subplots(1, 2, figsize=(10, 4))
+        tps.bar(names, [r["output_tokens_per_s"] for r in rows], color=colors)
+        tps.set_ylabel("output tokens / s")
+        running.bar(names, [r["peak_running"] for r in rows], color=colors)
+        running.set_ylabel("peak running requests")
+        for ax in (tps, running):
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
+        title = f"{result['requests']} requests, {level} clients"
+    fig.suptitle(f"{title}, KV space {result['kv_bytes'] / 1e6:.0f} MB (plain-ample: "
                  f"{result['ample_kv_bytes'] / 1e6:.0f} MB)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -211,6 +224,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     if argv == ["--offline-worker"]:
         _offline_worker()
         return None
+    args = arguments(argv)
+    result = run(args)
+    for name, row in result["configs"].items():
+        if "offline" in row:
+            print(f"{name:22} offline {row['offline']['output_tokens_per_s']:7.1f} tok/s")
+        for c, r in row.get("online", {}).items():
+            print(f"{name:22} c={c:>3}  {r['output_tokens_per_s']:7.1f} tok/s  "
+                  f"peak running {r['peak_running']:.0f}  TTFT p50 {r.get('ttft_p50_s', 0):.2f} s  "
+                  f"TPOT p50 {1000 * r.get('tpot_p50_s', 0):.0f} ms")
+    return result
+
+
+def arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
                         default=["plain-ample", "plain", "pyramidkv@0.25", "k8v4",
@@ -222,16 +248,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--plain-fits", type=int, default=4,
                         help="size the KV space for this many of the longest requests (plain vLLM)")
     parser.add_argument("--kv-bytes", type=int, default=None, help="fixed KV space instead")
-    parser.add_argument("--offline", action="store_true", help="also time LLM.generate")
+    parser.add_argument("--modes", nargs="+", choices=["online", "offline"], default=["online"],
+                        help="online: vllm serve and streaming clients; offline: LLM.generate")
+    parser.add_argument("--offline", action="append_const", dest="modes", const="offline",
+                        help="also time LLM.generate (same as --modes online offline)")
     parser.add_argument("--out", type=Path, default=Path("results/throughput.json"))
     args = parser.parse_args(argv)
-    result = run(args)
-    for name, row in result["configs"].items():
-        for c, r in row["online"].items():
-            print(f"{name:22} c={c:>3}  {r['output_tokens_per_s']:7.1f} tok/s  "
-                  f"peak running {r['peak_running']:.0f}  TTFT p50 {r.get('ttft_p50_s', 0):.2f} s  "
-                  f"TPOT p50 {1000 * r.get('tpot_p50_s', 0):.0f} ms")
-    return result
+    args.command = shlex.join(["python", "-m", "benchmarks.throughput", *argv])
+    return args
 
 
 if __name__ == "__main__":

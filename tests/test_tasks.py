@@ -255,3 +255,29 @@ def test_budgets_are_fractions():
     for bad in ("0", "1.5", "512"):
         with pytest.raises(argparse.ArgumentTypeError):
             budget(bad)
+
+
+def test_the_grid_report_shows_the_full_cache_per_task_and_the_targets():
+    from benchmarks.accuracy import combine
+    from benchmarks.report import accuracy_grid_section
+
+    tasks, contexts = ["passkey", "qa"], [1000, 4000]
+
+    def config(flags, *correct):
+        return {"flags": flags, "contexts": {c: _fake_measure(2, tasks, n)
+                                             for c, n in zip(contexts, correct)}}
+
+    measured = {"full": config([], 4, 2), "snapkv@0.25": config([], 4, 2),
+                "snapkv@0.1": config([], 3, 2), "h2o@0.25": config([], 2, 1)}
+    result = {"command": "python -m benchmarks.accuracy --contexts 1000 4000",
+              "context_tokens": contexts, "tasks": tasks, "budgets": [0.25, 0.1],
+              "samples_per_task": 2, "configs": combine(measured, contexts, tasks)}
+    table = "\n".join(accuracy_grid_section(result))
+    assert "`python -m benchmarks.accuracy --contexts 1000 4000`" in table
+    # _fake_measure marks the first samples correct: passkey's two, then qa's.
+    assert "| passkey | 2 | 2 |" in table and "| qa | 2 | 0 |" in table
+    assert "| snapkv | 6/8 (100%) | 5/8 (83%) |" in table
+    assert "| h2o | 3/8 (50%) |  |" in table
+    assert ("at budget 0.25, >= 95% of the full cache: met by snapkv; missed by h2o (50%)"
+            in table)
+    assert "at budget 0.1, >= 85% of the full cache: met by none; missed by snapkv (83%)" in table
