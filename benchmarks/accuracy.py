@@ -23,8 +23,8 @@ always was: ``context_tokens`` a number, each configuration's ``correct`` /
 context's ``correct`` / ``total`` / ``per_task`` / ``relative``.
 
 The JSON is rewritten after every configuration; ``--resume`` keeps what an earlier
-run of the same tasks and samples measured at any of the requested contexts
-(either layout), and measures only the rest. Writes results/accuracy.json and
+run with the same samples per task measured for the requested tasks at any of
+the requested contexts (either layout), and measures only the rest. Writes results/accuracy.json and
 results/accuracy.png (accuracy against budget, one line a policy, one panel a
 context).
 """
@@ -71,25 +71,28 @@ def measure(samples, correct: list[bool], tasks) -> dict:
 
 
 def earlier_measures(earlier: dict, tasks, samples_per_task: int, contexts) -> dict:
-    """{config: {context: measure}} of an earlier result, for the contexts asked for now.
+    """{config: {context: measure}} of an earlier result, for the tasks and contexts asked for now.
 
-    Reads both layouts; nothing when its tasks or samples per task differ.
+    Reads both layouts. A task's samples do not depend on the others, so an earlier
+    run of more tasks serves a subset (counts rebuilt from its samples); nothing
+    when it lacks a task asked for or its samples per task differ.
     """
-    if earlier.get("tasks") != list(tasks) or earlier.get("samples_per_task") != samples_per_task:
+    if (not set(tasks) <= set(earlier.get("tasks", ()))
+            or earlier.get("samples_per_task") != samples_per_task):
         return {}
+    one = isinstance(earlier["context_tokens"], int)
     found = {}
     for name, r in earlier.get("configs", {}).items():
-        if isinstance(earlier["context_tokens"], int):
-            parts = {earlier["context_tokens"]: {k: r[k] for k in
-                                                 ("correct", "total", "per_task", "per_sample")}}
-        else:
-            parts = {int(ctx): {**{k: p[k] for k in ("correct", "total", "per_task")},
-                                "per_sample": [{k: v for k, v in s.items()
-                                                if k != "context_tokens"}
-                                               for s in r["per_sample"]
-                                               if s["context_tokens"] == int(ctx)]}
-                     for ctx, p in r["per_context"].items()}
-        parts = {ctx: m for ctx, m in parts.items() if ctx in contexts}
+        measured = [earlier["context_tokens"]] if one else [int(c) for c in r["per_context"]]
+        parts = {}
+        for ctx in (c for c in measured if c in contexts):
+            kept = [{k: v for k, v in s.items() if k != "context_tokens"} for s in r["per_sample"]
+                    if s["task"] in tasks and (one or s["context_tokens"] == ctx)]
+            correct = [s["correct"] for s in kept]
+            parts[ctx] = {"correct": sum(correct), "total": len(correct),
+                          "per_task": {t: sum(s["correct"] for s in kept if s["task"] == t)
+                                       for t in tasks},
+                          "per_sample": kept}
         if parts:
             found[name] = {"flags": r["flags"], "contexts": parts}
     return found

@@ -215,7 +215,13 @@ def test_the_published_results_round_trip():
     # Resuming with more contexts keeps the published context's measurements.
     more = earlier_measures(data, data["tasks"], data["samples_per_task"], [1000] + contexts)
     assert set(more) == set(data["configs"])
-    assert earlier_measures(data, ["passkey"], data["samples_per_task"], contexts) == {}
+    # A subset of its tasks is served from its samples; a task it lacks is not.
+    alone = combine(earlier_measures(data, ["passkey"], data["samples_per_task"], contexts),
+                    contexts, ["passkey"])
+    assert {n: r["correct"] for n, r in alone.items()} == {
+        n: r["per_task"]["passkey"] for n, r in data["configs"].items()}
+    assert earlier_measures(data, ["passkey", "qa"], data["samples_per_task"], contexts) == {}
+    assert earlier_measures(data, data["tasks"], data["samples_per_task"] + 1, contexts) == {}
 
 
 def test_several_contexts_add_up_and_the_report_reads_them():
