@@ -22,7 +22,8 @@ always was: ``context_tokens`` a number, each configuration's ``correct`` /
 ``per_sample`` entry names its ``context_tokens``, and ``per_context`` gives each
 context's ``correct`` / ``total`` / ``per_task`` / ``relative``.
 
-The JSON is rewritten after every configuration; ``--resume`` keeps what an earlier
+The JSON is rewritten after every context a configuration finishes (one still
+missing a context waits under ``incomplete``); ``--resume`` keeps what an earlier
 run with the same samples per task measured for the requested tasks at any of
 the requested contexts (either layout), and measures only the rest. Writes results/accuracy.json and
 results/accuracy.png (accuracy against budget, one line a policy, one panel a
@@ -70,10 +71,20 @@ def measure(samples, correct: list[bool], tasks) -> dict:
                            for s, c in zip(samples, correct)]}
 
 
+def _counts(per_sample: list[dict], tasks) -> dict:
+    """A context's measure rebuilt from its samples, for ``tasks`` only."""
+    kept = [{k: v for k, v in s.items() if k != "context_tokens"} for s in per_sample
+            if s["task"] in tasks]
+    return {"correct": sum(s["correct"] for s in kept), "total": len(kept),
+            "per_task": {t: sum(s["correct"] for s in kept if s["task"] == t) for t in tasks},
+            "per_sample": kept}
+
+
 def earlier_measures(earlier: dict, tasks, samples_per_task: int, contexts) -> dict:
     """{config: {context: measure}} of an earlier result, for the tasks and contexts asked for now.
 
-    Reads both layouts. A task's samples do not depend on the others, so an earlier
+    Reads both layouts, and the contexts an interrupted run measured
+    (``incomplete``). A task's samples do not depend on the others, so an earlier
     run of more tasks serves a subset (counts rebuilt from its samples); nothing
     when it lacks a task asked for or its samples per task differ.
     """
@@ -84,18 +95,25 @@ def earlier_measures(earlier: dict, tasks, samples_per_task: int, contexts) -> d
     found = {}
     for name, r in earlier.get("configs", {}).items():
         measured = [earlier["context_tokens"]] if one else [int(c) for c in r["per_context"]]
-        parts = {}
-        for ctx in (c for c in measured if c in contexts):
-            kept = [{k: v for k, v in s.items() if k != "context_tokens"} for s in r["per_sample"]
-                    if s["task"] in tasks and (one or s["context_tokens"] == ctx)]
-            correct = [s["correct"] for s in kept]
-            parts[ctx] = {"correct": sum(correct), "total": len(correct),
-                          "per_task": {t: sum(s["correct"] for s in kept if s["task"] == t)
-                                       for t in tasks},
-                          "per_sample": kept}
+        parts = {ctx: _counts([s for s in r["per_sample"]
+                               if one or s["context_tokens"] == ctx], tasks)
+                 for ctx in measured if ctx in contexts}
         if parts:
             found[name] = {"flags": r["flags"], "contexts": parts}
+    for name, r in earlier.get("incomplete", {}).items():
+        parts = {int(ctx): _counts(m["per_sample"], tasks) for ctx, m in r["contexts"].items()
+                 if int(ctx) in contexts}
+        if parts:
+            found.setdefault(name, {"flags": r["flags"], "contexts": {}})["contexts"].update(parts)
     return found
+
+
+def incomplete(measured: dict, contexts) -> dict:
+    """What ``combine`` leaves out (configurations missing a context), kept for ``--resume``."""
+    return {name: {"flags": m["flags"],
+                   "contexts": {str(ctx): part for ctx, part in m["contexts"].items()}}
+            for name, m in measured.items()
+            if m["contexts"] and any(ctx not in m["contexts"] for ctx in contexts)}
 
 
 def combine(measured: dict, contexts, tasks) -> dict:
@@ -169,8 +187,10 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
                 entry["contexts"][ctx] = measure(samples[ctx], answers(url, model, samples[ctx]),
                                                  tasks)
                 result["configs"] = combine(measured, contexts, tasks)
+                result["incomplete"] = incomplete(measured, contexts)
                 save(result, out, plot)  # a crash or an interrupt keeps what was measured
     result["configs"] = combine(measured, contexts, tasks)
+    result.pop("incomplete", None)  # every configuration asked for is now at every context
     save(result, out, plot)
     return result
 

@@ -252,6 +252,25 @@ def test_several_contexts_add_up_and_the_report_reads_them():
     assert "| snapkv | 3/8 = 3 + 0 (50%) |" in table
 
 
+def test_an_interrupted_run_keeps_the_contexts_it_measured():
+    from benchmarks.accuracy import combine, earlier_measures, incomplete
+
+    tasks, contexts = ["passkey", "qa"], [1000, 4000]
+    measured = {"full": {"flags": [], "contexts": {1000: _fake_measure(2, tasks, 4),
+                                                   4000: _fake_measure(2, tasks, 2)}},
+                "snapkv@0.25": {"flags": ["--kv-policy", "snapkv"],
+                                "contexts": {1000: _fake_measure(2, tasks, 3)}}}
+    saved = json.loads(json.dumps({
+        "context_tokens": contexts, "tasks": tasks, "samples_per_task": 2,
+        "configs": combine(measured, contexts, tasks),
+        "incomplete": incomplete(measured, contexts)}))
+    assert set(saved["configs"]) == {"full"} and set(saved["incomplete"]) == {"snapkv@0.25"}
+    assert earlier_measures(saved, tasks, 2, contexts) == measured
+    # A subset of the tasks, from the same samples.
+    again = earlier_measures(saved, ["qa"], 2, contexts)
+    assert again["snapkv@0.25"]["contexts"][1000]["per_task"] == {"qa": 1}
+
+
 def test_budgets_are_fractions():
     import argparse
 
