@@ -25,9 +25,10 @@ context's ``correct`` / ``total`` / ``per_task`` / ``relative``.
 The JSON is rewritten after every context a configuration finishes (one still
 missing a context waits under ``incomplete``); ``--resume`` keeps what an earlier
 run with the same samples per task measured for the requested tasks at any of
-the requested contexts (either layout), and measures only the rest. Writes results/accuracy.json and
-results/accuracy.png (accuracy against budget, one line a policy, one panel a
-context).
+the requested contexts (either layout), and measures only the rest. Writes
+results/accuracy.json and results/accuracy.png (accuracy against budget, one
+line a policy, one panel a context); ``--out`` elsewhere (the README's grid is
+results/accuracy_grid.json, beside the two-task table kvpress is compared with).
 """
 
 from __future__ import annotations
