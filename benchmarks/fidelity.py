@@ -1,11 +1,15 @@
 """Fidelity to the full cache: greedy token agreement and logit KL, against plain vLLM.
 
     python -m benchmarks.fidelity --configs plain ours-full k8v8 k8v4 k4v4 vllm-bf16 vllm-fp8 \\
-        [--context 2000] [--prompts 4] [--tokens 256]
+        [--context 2000] [--prompts 4] [--tokens 256] [--out results/fidelity.json]
+
+    python -m benchmarks.fidelity --configs plain snapkv@0.25 pyramidkv@0.25 ... \\
+        --out results/fidelity_policies.json   # the eviction policies' table
 
 Plain vLLM (full-precision cache) generates a greedy reference continuation
 of each long prompt (synthetic records to summarise). Every configuration,
-served in the same run, is then measured two ways:
+served in the same run, is then measured two ways (the prompts sent at once,
+so that each configuration decodes them as one batch, as plain vLLM did):
 
 * teacher-forced (the headline): the reference continuation is forced token
   by token (``benchmarks.forcing``) and at each of its positions we compare
@@ -33,6 +37,7 @@ import argparse
 import math
 import shlex
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -117,13 +122,15 @@ def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: i
         try:
             with vllm_server(model, *flags, *FORCING, kv_bytes=kv_bytes) as url:
                 capacity = kv_capacity_tokens(url)
-                free, forced = [], []
-                for i, sample in enumerate(tqdm(samples, desc=name, leave=False)):
-                    free.append(generate(url, model, sample.prompt, tokens))
+                # The prompts run as one batch (as plain vLLM's reference does in the same run).
+                with ThreadPoolExecutor(len(samples)) as pool:
+                    free = list(pool.map(lambda s: generate(url, model, s.prompt, tokens),
+                                         samples))
                     if name == "plain":
-                        reference.append(free[-1])
-                    forced.append(generate(url, model, sample.prompt, tokens,
-                                           [t for t, _ in reference[i]]))
+                        reference = free
+                    forced = list(pool.map(
+                        lambda s, ref: generate(url, model, s.prompt, tokens, [t for t, _ in ref]),
+                        samples, reference))
         except ServerStartError as exc:  # a mode this machine cannot run
             results[name] = {"flags": list(flags), "error": exc.reason[:300]}
             continue
