@@ -140,3 +140,13 @@ def test_request_policies_are_built_once_per_choice():
     assert (mine.name, mine.budget) == ("pyramidkv", 0.1)
     assert policies.resolve({"kv_policy": "pyramidkv", "kv_budget": 0.1}) is mine
     assert policies.resolve({"kv_policy": "none"}) is None
+
+
+def test_request_policies_stay_bounded_when_every_request_sends_a_new_budget():
+    policies = RequestPolicies(KVCompressConfig(policy="snapkv", budget=0.25))
+    server = policies.resolve(None)
+    for i in range(3 * RequestPolicies.MAX_BUILT):
+        policies.resolve({"kv_budget": 0.01 + i / 10_000})
+        policies.resolve(None)  # kept: used all along
+    assert len(policies._built) == RequestPolicies.MAX_BUILT
+    assert policies.resolve(None) is server

@@ -14,6 +14,7 @@ The validated result travels to every vLLM process inside
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -236,17 +237,28 @@ class KVCompressConfig(BaseModel):
 
 
 class RequestPolicies:
-    """The policy of each request on one server, built once per (policy, budget)."""
+    """The policy of each request on one server, built once per (policy, budget).
+
+    The cache is bounded: budgets are client input, and a client sending a new one
+    with every request must not grow the server (a request keeps its own policy
+    object, so dropping the least recently used one is safe).
+    """
+
+    MAX_BUILT = 256
 
     def __init__(self, config: KVCompressConfig) -> None:
         self.config = config
-        self._built: dict[tuple[str, float | int], Policy | None] = {}
+        self._built: OrderedDict[tuple[str, float | int], Policy | None] = OrderedDict()
 
     def resolve(self, options: Mapping[str, Any] | None) -> Policy | None:
         config = self.config.for_request(options)
         key = (config.policy, config.budget)
-        if key not in self._built:
+        if key in self._built:
+            self._built.move_to_end(key)
+        else:
             self._built[key] = config.build_policy()
+            if len(self._built) > self.MAX_BUILT:
+                self._built.popitem(last=False)
         return self._built[key]
 
     def of(self, params: Any) -> Policy | None:
