@@ -30,6 +30,33 @@ from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy, runtim
 from vllm_kvcompress.policies.quest import Quest, page_bounds, select_pages
 
 
+def _decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
+    """The paged decode kernel called ``name`` (``None``: the device's default), or ``None``
+    for the torch path. The default CPU kernel gives way to the torch path where it cannot
+    run (no compiler: its loader logs why; float64); a kernel asked for by name must run."""
+    if name == "torch":
+        return None
+    default, name = name is None, name or ("triton" if store.device.type == "cuda" else "cpu")
+    # Imported here: Triton picks GPU or interpreter when its kernels are first imported.
+    if name == "triton":
+        from vllm_kvcompress.kernels import triton as kernels
+
+        why = None if kernels.available() else "it needs a CUDA device (or TRITON_INTERPRET=1)"
+    elif name == "cpu":
+        from vllm_kvcompress.kernels import cpu as kernels
+
+        why = (f"it compiles {kernels.DTYPES}, not {store.shape.dtype}"
+               if store.shape.dtype not in kernels.DTYPES else
+               None if kernels.available() else "it could not be built (see the log)")
+    else:
+        raise ValueError(f"decode_kernel {name!r}: expected triton, cpu, torch or None")
+    if why is None:
+        return kernels.paged_decode
+    if default and name == "cpu":
+        return None
+    raise RuntimeError(f"the {name} decode kernel cannot run here: {why}")
+
+
 def metadata_for(policy: Policy | None) -> tuple[str, ...]:
     """Slot metadata the store must keep for ``policy`` (see ``paging.store``)."""
     if policy is None:
@@ -58,9 +85,11 @@ class CompressionStats:
 
 class KVCompressor:
     def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int,
-                 selector: Quest | None = None, triton_decode: bool | None = None) -> None:
-        """``triton_decode``: decode attention through the Triton kernel that reads the
-        pages in place; default on CUDA, the torch path (gather, then attend) elsewhere."""
+                 selector: Quest | None = None, decode_kernel: str | None = None) -> None:
+        """``decode_kernel``: how decode attention reads the pages. ``"triton"`` (default
+        on CUDA) and ``"cpu"`` (the C++ kernel, default elsewhere where it builds) read
+        them in place; ``"torch"`` gathers the rows, then attends. Either kernel gives
+        way to the torch path where attention mass or shared keys are needed."""
         if selector is not None and (store.key_bounds is None or
                                      (policy is not None and policy.needs_attention_mass)):
             raise ValueError("Quest needs a store with key bounds and a policy that does not "
@@ -70,16 +99,7 @@ class KVCompressor:
                 raise ValueError("key sharing needs a store with value rows and no Quest selection")
         self.store = store
         self.policy = policy
-        if triton_decode is None:
-            triton_decode = store.device.type == "cuda"
-        self._paged_decode = None
-        if triton_decode:
-            # Imported here: Triton picks GPU or interpreter when the kernels are first imported.
-            from vllm_kvcompress.kernels import triton as kernels
-
-            if not kernels.available():
-                raise RuntimeError("triton_decode needs Triton on a CUDA device (or TRITON_INTERPRET=1)")
-            self._paged_decode = kernels.paged_decode
+        self._paged_decode = _decode_kernel(decode_kernel, store)
         self.selector = selector  # Quest: which pages each decode step reads
         self.num_layers = store.shape.num_layers
         # PoD: layers whose queries and keys score the distant tokens of later layers.
@@ -234,7 +254,7 @@ class KVCompressor:
             self.store.add_mass(layer, flat, mass.flatten(0, 1))
 
     def _decode_in_place(self, layer, rows, query, scale) -> torch.Tensor:
-        """The Triton kernel: pages read and dequantized where they lie, no gather."""
+        """The Triton or C++ kernel: pages read and dequantized where they lie, no gather."""
         lens = self.store.lens[layer, rows]
         longest = int(lens.max())
         table = self.store.tables[layer, torch.from_numpy(rows).to(self.store.device),

@@ -1,15 +1,19 @@
 """Attention over the rows of the page store: the torch path.
 
-This is the reference implementation that the Triton kernels are checked
-against, and the path that serves on CPU. It works on rows already gathered
-from the pages and dequantized by the store (``PagedKVStore.gather``): a row
-is one (request, KV head), and query heads ``h*G .. h*G+G-1`` read row ``h``.
+This is the reference implementation that the compiled kernels (Triton on
+CUDA, C++ on CPU) are checked against, and the path that serves where neither
+runs. It works on rows already gathered from the pages and dequantized by the
+store (``PagedKVStore.gather``): a row is one (request, KV head), and query
+heads ``h*G .. h*G+G-1`` read row ``h``. :func:`paged_decode_reference` is
+the kernels' signature over this path.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from vllm_kvcompress.paging.formats import PageFormat, decode
 
 
 def _attend(
@@ -119,3 +123,35 @@ def chunk_attention(
         if mass is not None:
             mass += block_mass
     return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), mass
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    parts: dict[str, torch.Tensor],
+    fmt: PageFormat,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    count: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Torch path: gather the rows' pages, dequantize, :func:`decode_attention`.
+
+    ``num_splits`` is ignored (the torch path has no partitions).
+    """
+    batch, _, head_dim = q.shape
+    heads = table.shape[0] // batch
+    page_size = next(iter(parts.values())).shape[1]
+    longest = int(lens.max()) if max_len is None else max_len
+    pages = table[:, : max(1, -(-longest // page_size))].long()
+    rows = []
+    for side in ("k", "v"):
+        names = fmt.side_components(side, head_dim, q.dtype)
+        x = decode(fmt, side, {n: parts[n][pages].flatten(1, 2) for n in names}, q.dtype)
+        rows.append(x.view(batch, heads, -1, head_dim))
+    counts = None if count is None else count[pages].flatten(1).view(batch, heads, -1)
+    out, _ = decode_attention(q, rows[0], rows[1], lens.view(batch, heads).to(q.device), scale,
+                              counts=counts)
+    return out

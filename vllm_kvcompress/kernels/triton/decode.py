@@ -22,44 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcompress.kernels.paged_attention import decode_attention
-from vllm_kvcompress.paging.formats import PageFormat, decode
+from vllm_kvcompress.kernels.paged_attention import paged_decode_reference  # noqa: F401  (re-exported)
+from vllm_kvcompress.paging.formats import PageFormat
 
 _LOG2E = 1.4426950408889634
 # Tokens a split should cover at least, so that merging partials stays cheap.
 _MIN_PARTITION = 512
-
-
-def paged_decode_reference(
-    q: torch.Tensor,
-    parts: dict[str, torch.Tensor],
-    fmt: PageFormat,
-    table: torch.Tensor,
-    lens: torch.Tensor,
-    scale: float,
-    count: torch.Tensor | None = None,
-    *,
-    num_splits: int | None = None,
-    max_len: int | None = None,
-) -> torch.Tensor:
-    """Torch path: gather the rows' pages, dequantize, :func:`decode_attention`.
-
-    ``num_splits`` is ignored (the torch path has no partitions).
-    """
-    batch, _, head_dim = q.shape
-    heads = table.shape[0] // batch
-    page_size = next(iter(parts.values())).shape[1]
-    longest = int(lens.max()) if max_len is None else max_len
-    pages = table[:, : max(1, -(-longest // page_size))].long()
-    rows = []
-    for side in ("k", "v"):
-        names = fmt.side_components(side, head_dim, q.dtype)
-        x = decode(fmt, side, {n: parts[n][pages].flatten(1, 2) for n in names}, q.dtype)
-        rows.append(x.view(batch, heads, -1, head_dim))
-    counts = None if count is None else count[pages].flatten(1).view(batch, heads, -1)
-    out, _ = decode_attention(q, rows[0], rows[1], lens.view(batch, heads).to(q.device), scale,
-                              counts=counts)
-    return out
 
 
 @triton.jit

@@ -1,7 +1,9 @@
-"""The compressor serving decode through the Triton kernel (in place, no gather), on CPU
-under Triton's interpreter: same outputs as dense attention and as the torch path."""
+"""The compressor serving decode through a kernel that reads the pages in place (Triton, on
+CPU under its interpreter; the C++ CPU kernel): same outputs as the torch path."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
@@ -14,31 +16,36 @@ from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 from vllm_kvcompress.policies import build_policy
 
-LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
+LAYERS, KV_HEADS, GROUP = 2, 2, 3
 
 
-def compressor(policy, fmt: str, triton_decode: bool) -> KVCompressor:
-    shape = StoreShape(LAYERS, KV_HEADS, DIM, 4, torch.float32, page_format(fmt),
+def compressor(policy, fmt: str, dim: int, decode_kernel: str) -> KVCompressor:
+    shape = StoreShape(LAYERS, KV_HEADS, dim, 16 if dim == 64 else 4, torch.float32,
+                       page_format(fmt),
                        metadata_for(policy))
     return KVCompressor(PagedKVStore(shape, 512, 4, 128), policy, KV_HEADS * GROUP,
-                        triton_decode=triton_decode)
+                        decode_kernel=decode_kernel)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "cpu"])
 @pytest.mark.parametrize("fmt", ["none", "k8v4"])
 @pytest.mark.parametrize("name", [None, "snapkv", "spindlekv"])
-def test_kernel_decode_matches_the_torch_path(name, fmt):
+@pytest.mark.parametrize("dim", [16, 64])  # the CPU kernel's scalar and vector paths
+def test_kernel_decode_matches_the_torch_path(name, fmt, kernel, dim):
     """Two requests of different lengths, prefill then a few decode steps, compressed
     (snapkv), with merged counts (spindlekv) or not at all."""
-    if not INTERPRET and not torch.cuda.is_available():
+    if kernel == "triton" and not INTERPRET and not torch.cuda.is_available():
         pytest.skip("Triton cannot run here")
+    if kernel == "cpu" and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
     policy = None if name is None else build_policy(name, budget=0.5, window=4, sink_tokens=2)
-    paths = [compressor(policy, fmt, triton_decode=flag) for flag in (False, True)]
+    paths = [compressor(policy, fmt, dim, decode_kernel=k) for k in ("torch", kernel)]
     gen = torch.Generator().manual_seed(0)
     prompts = {"a": 37, "b": 9}
     total = {r: n + 4 for r, n in prompts.items()}
-    q = {r: torch.randn(LAYERS, t, KV_HEADS * GROUP, DIM, generator=gen) for r, t in total.items()}
-    k = {r: torch.randn(LAYERS, t, KV_HEADS, DIM, generator=gen) for r, t in total.items()}
-    v = {r: torch.randn(LAYERS, t, KV_HEADS, DIM, generator=gen) for r, t in total.items()}
+    q = {r: torch.randn(LAYERS, t, KV_HEADS * GROUP, dim, generator=gen) for r, t in total.items()}
+    k = {r: torch.randn(LAYERS, t, KV_HEADS, dim, generator=gen) for r, t in total.items()}
+    v = {r: torch.randn(LAYERS, t, KV_HEADS, dim, generator=gen) for r, t in total.items()}
     steps = [[StepRequest(r, 0, n, n) for r, n in prompts.items()]] + [
         [StepRequest(r, n + i, 1, n) for r, n in prompts.items()] for i in range(4)]
     for reqs in steps:
@@ -50,7 +57,7 @@ def test_kernel_decode_matches_the_torch_path(name, fmt):
                 torch.cat([q[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
                 torch.cat([k[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
                 torch.cat([v[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
-                DIM ** -0.5) for layer in range(LAYERS)])
+                dim ** -0.5) for layer in range(LAYERS)])
             comp.end_step()
         for torch_out, kernel_out in zip(*outs):
             torch.testing.assert_close(kernel_out, torch_out, atol=2e-5, rtol=2e-5)

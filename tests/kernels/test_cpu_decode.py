@@ -1,0 +1,124 @@
+"""The C++ CPU decode kernel against its torch reference (gather, formats.decode, decode_attention).
+
+Every page format and model dtype; head dims 64 and 128 (the vector path), 32
+and 48 (the scalar path); GQA 1/3/4/8; pages of 8, 16 and 32; rows of 1 token,
+of a page less one, exactly a page and of non-multiples; log-count bias; a real
+store's pages after eviction. Compiled here, so it runs in the default suite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.kernels.helpers import PRECISIONS, TOLERANCE, random_pool, random_table
+from vllm_kvcompress.kernels import cpu
+from vllm_kvcompress.kernels.paged_attention import decode_attention, paged_decode_reference
+from vllm_kvcompress.paging.formats import page_format
+from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
+
+# No compiler is the one reason to skip; a compiler that fails to build it is a failure.
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+# (head_dim, GQA group, page_size): the vector path's shapes, then the scalar path's.
+GEOMETRY = [(64, 1, 16), (128, 3, 32), (64, 4, 32), (128, 8, 16), (64, 3, 8), (32, 4, 16),
+            (48, 3, 16)]
+
+
+def run_both(fmt_name, dtype, head_dim, group, page_size, lens, seed=0, with_count=False):
+    gen = torch.Generator().manual_seed(seed)
+    fmt = page_format(fmt_name)
+    heads = 2
+    table, num_pages = random_table(lens, page_size, 2, gen)
+    parts = {n: p.cpu() for n, p in random_pool(fmt, num_pages, page_size, head_dim, dtype,
+                                                gen).items()}
+    q = torch.randn(len(lens) // heads, heads * group, head_dim, generator=gen).to(dtype)
+    count = (torch.randint(1, 5, (num_pages, page_size), generator=gen).float()
+             if with_count else None)
+    args = (q, parts, fmt, table.cpu(), torch.tensor(lens), head_dim ** -0.5, count)
+    return cpu.paged_decode(*args), paged_decode_reference(*args)
+
+
+def assert_close(out, ref, dtype):
+    atol, rtol = TOLERANCE[dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def test_the_kernel_builds():
+    assert cpu.available(), "the CPU decode kernel did not build (its warning says why)"
+
+
+@pytest.mark.parametrize("head_dim,group,page_size", GEOMETRY)
+@pytest.mark.parametrize("fmt_name,dtype", PRECISIONS)
+def test_decode_matches_reference(fmt_name, dtype, head_dim, group, page_size):
+    # 1 token, a page less one, exactly a page, a few pages and a bit, a long row.
+    lens = [1, page_size - 1, page_size, 3 * page_size + 5, 1000, 17]
+    out, ref = run_both(fmt_name, dtype, head_dim, group, page_size, lens)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("head_dim,page_size", [(64, 16), (128, 32), (48, 8)])
+@pytest.mark.parametrize("fmt_name,dtype", [("none", torch.float32), ("k8v4", torch.bfloat16),
+                                            ("k4v4", torch.float32)])
+def test_log_count_bias(fmt_name, dtype, head_dim, page_size):
+    """Merged entries weigh ``count * exp(q . k)`` in both paths."""
+    out, ref = run_both(fmt_name, dtype, head_dim, 4, page_size, [40, 7, 300, 16],
+                        with_count=True)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("lens", [[1, 1], [15, 16], [17, 33], [2048, 5]])
+def test_long_and_short_rows_every_group(lens):
+    for group, fmt_name in itertools.product([1, 3, 4, 8], ["none", "k8v8"]):
+        out, ref = run_both(fmt_name, torch.float32, 64, group, 16, lens, seed=group)
+        assert_close(out, ref, torch.float32)
+
+
+def test_large_logits_stay_finite():
+    """Logits of hundreds (keys scaled up) do not overflow the online softmax."""
+    gen = torch.Generator().manual_seed(5)
+    fmt = page_format("none")
+    table, num_pages = random_table([70, 3], 16, 1, gen)
+    parts = {n: p.cpu() * 40 for n, p in random_pool(fmt, num_pages, 16, 64, torch.float32,
+                                                     gen).items()}
+    q = torch.randn(1, 6, 64, generator=gen) * 40
+    args = (q, parts, fmt, table.cpu(), torch.tensor([70, 3]), 0.125)
+    out, ref = cpu.paged_decode(*args), paged_decode_reference(*args)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("fmt_name", ["none", "k8v4"])
+def test_reads_the_store_after_eviction(fmt_name):
+    """Pages of a real store after compaction: rows of different lengths, pages out of order."""
+    heads, group, head_dim, page = 2, 3, 64, 16
+    shape = StoreShape(1, heads, head_dim, page, torch.float32, page_format(fmt_name))
+    store = PagedKVStore(shape, num_pages=64, max_requests=3, max_tokens_per_row=200)
+    gen = torch.Generator().manual_seed(2)
+    rows = []
+    for req, n in (("a", 70), ("b", 33)):
+        r = store.rows(store.open(req))
+        store.reserve(r, np.full(heads, n))
+        kv = torch.randn(2, n, heads, head_dim, generator=gen)
+        store.write(0, np.tile(r, (n, 1)), np.repeat(np.arange(n)[:, None], heads, axis=1),
+                    kv[0], kv[1], torch.arange(n))
+        store.lens[0, r] += n
+        keep = torch.rand(heads, n, generator=gen) < torch.tensor([[0.3], [0.8]])
+        keep[:, 0] = True
+        store.compact(0, r, keep)
+        rows.append(r)
+    rows = np.concatenate(rows)
+    lens = torch.from_numpy(store.lens[0, rows])
+    assert len(set(lens.tolist())) > 1
+    q = torch.randn(2, heads * group, head_dim, generator=gen)
+    keys, values = store.gather(0, rows)
+    ref, _ = decode_attention(q, keys.view(2, heads, -1, head_dim),
+                              values.view(2, heads, -1, head_dim), lens.view(2, heads), 0.125)
+    out = cpu.paged_decode(q, store.parts, shape.format, store.tables[0, torch.from_numpy(rows)],
+                           lens, 0.125)
+    assert_close(out, ref, torch.float32)

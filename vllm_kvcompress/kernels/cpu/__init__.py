@@ -1,0 +1,112 @@
+"""Paged decode attention on CPU: a C++ kernel beside the torch reference.
+
+``paged_decode`` has the signature of the Triton kernel and of
+:func:`~vllm_kvcompress.kernels.paged_attention.paged_decode_reference`: it
+reads the store's pages in place through the page table, dequantizes a page at
+a time into an L1-sized buffer and runs an online softmax, so decode reads each
+stored byte once instead of gathering the rows, widening them to float32 and
+reading them twice more (see ``paged_decode.cpp``).
+
+The extension is compiled by torch's JIT loader on first use, once per machine
+and CPU capability (cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``); it needs a C++ compiler. :func:`load` returns
+``None`` where it cannot be built, and the torch path serves instead.
+``KVCOMPRESS_CPU_KERNEL=0`` switches it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from vllm_kvcompress.paging.formats import PageFormat
+
+logger = logging.getLogger("vllm.kvcompress")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # model dtypes the kernel compiles
+_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+# Vector width by the CPU capability torch detected; the build is cached under a name per
+# capability, so a home directory shared with an older CPU never loads the wrong binary.
+_MARCH = {"AVX512": "-march=x86-64-v4", "AVX2": "-march=x86-64-v3"}
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled extension, or ``None`` (switched off, or it failed to build: logged)."""
+    if os.environ.get("KVCOMPRESS_CPU_KERNEL", "1") == "0":
+        return None
+    from torch.utils.cpp_extension import load as load_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fopenmp-simd", *([_MARCH[capability]] if capability in _MARCH else [])]
+    try:
+        return load_extension(f"kvcompress_cpu_decode_{capability.lower()}", [str(_SOURCE)],
+                              extra_cflags=flags, verbose=False)
+    except Exception as error:  # noqa: BLE001  no compiler, headers...: the torch path serves
+        logger.warning("kvcompress: the CPU decode kernel could not be built (%s: %s); "
+                       "decode attention runs on the torch path", type(error).__name__, error)
+        return None
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _side(parts: dict[str, torch.Tensor], fmt: PageFormat, side: str) -> tuple:
+    """(codes, scale, min, bits) of one side; unused ones alias the codes."""
+    bits = fmt.bits(side)
+    if bits is None:
+        return parts[side], parts[side], parts[side], 0
+    codes, scale = parts[f"{side}_codes"], parts[f"{side}_scale"]
+    return codes, scale, parts.get(f"{side}_min", scale), bits
+
+
+def paged_decode(
+    q: torch.Tensor,
+    parts: dict[str, torch.Tensor],
+    fmt: PageFormat,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    count: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of q [B, Hq, D] over the pages of ``B * H`` rows -> [B, Hq, D].
+
+    Arguments as the Triton kernel's (``kernels.triton.paged_decode``): ``parts``
+    the store's components ``[num_pages, page_size, *]``, ``table`` [B*H, W]
+    int32 page ids, ``lens`` [B*H] tokens per row (>= 1), ``count`` [num_pages,
+    page_size] float32 tokens a slot stands for. ``num_splits`` and ``max_len``
+    are accepted and unused: a row is one task, and it reads only its own pages.
+    """
+    module = load()
+    if module is None:
+        raise RuntimeError("the CPU decode kernel is not available here (see the log)")
+    batch, num_q_heads, head_dim = q.shape
+    rows = table.shape[0]
+    assert rows % batch == 0, f"table has {rows} rows, not a multiple of the batch {batch}"
+    assert num_q_heads % (rows // batch) == 0, f"{num_q_heads} query heads do not group onto {rows // batch}"
+    assert lens.shape == (rows,), f"lens {tuple(lens.shape)} != ({rows},)"
+    assert table.dtype == torch.int32 and table.is_contiguous(), "table: contiguous int32"
+    k, ks, km, k_bits = _side(parts, fmt, "k")
+    v, vs, vm, v_bits = _side(parts, fmt, "v")
+    for x in (k, ks, km, v, vs, vm):
+        assert x.is_contiguous() and x.shape[1] == k.shape[1], "components: contiguous [P, S, *]"
+    if k_bits == 0 or v_bits == 0:
+        unq = k if k_bits == 0 else v
+        assert unq.dtype == q.dtype, f"unquantized pages are {unq.dtype}, q is {q.dtype}"
+    if count is not None:
+        assert count.dtype == torch.float32 and count.is_contiguous(), "count: [P, S] float32"
+    groups, _ = fmt.group_layout(head_dim)
+    out = module.paged_decode(
+        q.float().contiguous(), k, ks, km, k_bits, v, vs, vm, v_bits,
+        count if count is not None else q.new_empty(0, dtype=torch.float32), table,
+        lens.to(torch.int64).contiguous(), scale, groups, q.dtype)
+    return out.to(q.dtype)
