@@ -11,7 +11,8 @@ Every request holds ``context`` tokens in each KV head, in pages of
   contiguous bf16 cache of the same tokens. Bandwidth is the bytes the step must
   read (pages, scales, query) over its time, also as a fraction of ``--peak-gbps``
   (H100 SXM: 3350 GB/s); times from ``triton.testing.do_bench`` (L2 flushed).
-* On CPU: the torch path serving runs (``PagedKVStore.gather`` of the rows' pages
+* On CPU: the C++ kernel serving runs (``kernels.cpu.paged_decode``, pages read
+  in place) and the torch path it replaces (``PagedKVStore.gather`` of the rows' pages
   into its scratch buffers, dequantized, then ``decode_attention``) against vLLM's own CPU attention op
   (``cpu_attention_with_kv_cache``, called directly on a cache of 128-token blocks
   filled by its ``cpu_attn_reshape_and_cache``) and torch SDPA over the same tokens.
@@ -151,10 +152,14 @@ def run(args: argparse.Namespace) -> dict:
     heads, group, head_dim = args.kv_heads, args.group, args.head_dim
     gen = torch.Generator().manual_seed(0)
     if device == "cuda":
-        from vllm_kvcompress.kernels.triton import paged_decode as paged
+        from vllm_kvcompress.kernels.triton import paged_decode
+
+        paths = {"triton": paged_decode}
     else:
-        paged = serving_torch_path
-    ours = "triton" if device == "cuda" else "torch-paged"
+        from vllm_kvcompress.kernels import cpu
+
+        paths = {"cpu-paged": cpu.paged_decode} if cpu.available() else {}
+        paths["torch-paged"] = serving_torch_path
     rows_out, errors = [], {}
     for context in args.contexts:
         for batch in args.batches:
@@ -180,16 +185,17 @@ def run(args: argparse.Namespace) -> dict:
             for fmt_name in args.formats:
                 fmt, parts, table = build_pages(fmt_name, rows, context, head_dim,
                                                 args.page_size, dtype, device, gen)
-                ms = time_ms(lambda: paged(q, parts, fmt, table, lens, head_dim ** -0.5,
-                                           max_len=context), device, args.reps)
-                read = rows * context * fmt.slot_bytes(head_dim, dtype) + q_bytes
-                result = {"ms": ms, "bytes": read, "gbps": read / ms / 1e6}
-                if device == "cuda":
-                    result["fraction_of_peak"] = result["gbps"] / args.peak_gbps
-                for name in baselines:
-                    if name in entry:
-                        result[f"speedup_vs_{name}"] = entry[name] / ms
-                entry[f"{ours}-{fmt_name}"] = result
+                for ours, paged in paths.items():
+                    ms = time_ms(lambda: paged(q, parts, fmt, table, lens, head_dim ** -0.5,
+                                               max_len=context), device, args.reps)
+                    read = rows * context * fmt.slot_bytes(head_dim, dtype) + q_bytes
+                    result = {"ms": ms, "bytes": read, "gbps": read / ms / 1e6}
+                    if device == "cuda":
+                        result["fraction_of_peak"] = result["gbps"] / args.peak_gbps
+                    for name in baselines:
+                        if name in entry:
+                            result[f"speedup_vs_{name}"] = entry[name] / ms
+                    entry[f"{ours}-{fmt_name}"] = result
                 del parts, table
             for name in baselines:
                 if name in entry:

@@ -162,6 +162,12 @@ class KVCompressor:
         self.step = step
         return step
 
+    @property
+    def decode_path(self) -> str:
+        """What decode attention runs on: ``triton``, ``cpu`` (the kernels) or ``torch``."""
+        kernel = self._paged_decode
+        return "torch" if kernel is None else kernel.__module__.split(".")[2]
+
     def end_step(self) -> None:
         self.step = None
 

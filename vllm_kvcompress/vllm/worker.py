@@ -103,9 +103,10 @@ class KVCompressRunnerMixin:
             selector=config.build_selector(),
         )
         logger.info("kvcompress: policy %s, %s pages, %d pages of %d tokens (%d bytes a token-head, "
-                    "%.2f GiB) for %d layers x %d KV heads", config.policy, config.page_format,
-                    store.pool.num_pages, shape.page_size, shape.slot_bytes,
-                    total_bytes / (1 << 30), shape.num_layers, shape.num_kv_heads)
+                    "%.2f GiB) for %d layers x %d KV heads; decode attention on the %s path",
+                    config.policy, config.page_format, store.pool.num_pages, shape.page_size,
+                    shape.slot_bytes, total_bytes / (1 << 30), shape.num_layers,
+                    shape.num_kv_heads, self.kvcompress.decode_path)
         # All KV lives in the store; layers keep an empty tensor where vLLM expects one.
         kv_caches = {
             name: torch.empty(0, dtype=spec.dtype, device=self.device)
