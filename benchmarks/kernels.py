@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.results import save
+from benchmarks.results import machine, save
 
 from vllm_kvcompress.kernels.paged_attention import decode_attention
 from vllm_kvcompress.paging.formats import FORMAT_NAMES, encode, page_format
@@ -204,19 +204,11 @@ def run(args: argparse.Namespace) -> dict:
                                    "gbps": (dense_bytes + q_bytes) / ms / 1e6}
             rows_out.append(entry)
             print(summary_line(entry), flush=True)
-    return {"device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else machine(),
             "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
             "kv_heads": heads, "group": group, "head_dim": head_dim, "page_size": args.page_size,
             "peak_gbps": args.peak_gbps if device == "cuda" else None,
             "rows": rows_out, "errors": errors}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return "cpu"
 
 
 def summary_line(entry: dict) -> str:

@@ -223,7 +223,8 @@ def kernels_section(data: dict) -> list[str]:
     return lines
 
 
-def throughput_section(data: dict) -> list[str]:
+def throughput_section(data: dict, title: str = "Throughput under memory pressure",
+                       image: str = "throughput") -> list[str]:
     configs = data["configs"]
     plain, ample = configs.get("plain"), configs.get("plain-ample")
     level = max(next(iter(configs.values()))["online"], key=int)  # the highest concurrency run
@@ -232,9 +233,10 @@ def throughput_section(data: dict) -> list[str]:
         return None if row is None else row["online"][level]["output_tokens_per_s"]
 
     lines = [
-        "### Throughput under memory pressure",
+        f"### {title}",
         "",
-        f"`python -m benchmarks.throughput` ({data['requests']} requests, prompts "
+        f"`{data.get('command', 'python -m benchmarks.throughput')}`"
+        + (f" on {data['machine']}" if "machine" in data else "") + f" ({data['requests']} requests, prompts "
         f"{data['prompt_tokens'][0]}-{data['prompt_tokens'][1]} tokens, outputs "
         f"{data['output_tokens'][0]}-{data['output_tokens'][1]} tokens, greedy, {level} streaming "
         f"clients; a KV space of {data['kv_bytes'] / 1e6:.0f} MB, where plain vLLM runs "
@@ -263,8 +265,13 @@ def throughput_section(data: dict) -> list[str]:
     if offline:
         lines += ["", "Offline (`--offline`, `LLM.generate` over the same prompts): " + ", ".join(
             f"{n} {r['output_tokens_per_s']:.1f} tok/s" for n, r in offline.items()) + "."]
-    lines += ["", "![throughput](results/throughput.png)"]
+    lines += ["", f"![{image}](results/{image}.png)"]
     return lines
+
+
+def decode_throughput_section(data: dict) -> list[str]:
+    return throughput_section(data, "Throughput under memory pressure, decode-heavy",
+                              "throughput_decode")
 
 
 def offline_throughput_section(data: dict) -> list[str]:
@@ -294,13 +301,16 @@ def offline_throughput_section(data: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"throughput": throughput_section, "throughput_offline": offline_throughput_section,
+SECTIONS = {"throughput": throughput_section, "throughput_decode": decode_throughput_section,
+            "throughput_offline": offline_throughput_section,
             "memory": memory_section,
             "fidelity": fidelity_section, "fidelity_policies": policies_fidelity_section,
             "accuracy": accuracy_section, "accuracy_grid": accuracy_grid_section,
             "kvpress": kvpress_section, "scoring": scoring_section, "kernels": kernels_section}
 # The benchmark behind each results file, where its name is not the file's.
-COMMANDS = {"throughput_offline": "python -m benchmarks.throughput --modes offline "
+COMMANDS = {"throughput_decode": "python -m benchmarks.throughput --prompt-tokens 1000 2000 "
+                                 "--output-tokens 512 512 --out results/throughput_decode.json",
+            "throughput_offline": "python -m benchmarks.throughput --modes offline "
                                   "--out results/throughput_offline.json",
             "fidelity_policies": "python -m benchmarks.fidelity --configs plain snapkv@0.25 ... "
                                  "--out results/fidelity_policies.json",

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+
+def machine() -> str:
+    """The CPU's model name and core count, as the tables name the machine they ran on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        name = "cpu"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def save(result: dict, out: Path, plot: Callable[[dict, Path], None] | None = None) -> None:

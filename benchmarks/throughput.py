@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.load import PeakGauge
-from benchmarks.results import save
+from benchmarks.results import machine, save
 from benchmarks.server import CPU_FLAGS, vllm_server
 from benchmarks.tasks import documents
 
@@ -168,7 +168,7 @@ def run(args) -> dict:
     # Every configuration serves the same context length: the longest request, not 8K, so the
     # smallest KV space can still start the engine.
     max_len = ("--max-model-len", str(-(-longest // 256) * 256))
-    result = {"command": args.command, "requests": args.requests, "prompt_tokens": list(args.prompt_tokens),
+    result = {"command": args.command, "machine": machine(), "requests": args.requests, "prompt_tokens": list(args.prompt_tokens),
               "output_tokens": list(args.output_tokens), "kv_bytes": kv_bytes,
               "ample_kv_bytes": ample, "flags": CPU_FLAGS + list(max_len), "configs": {}}
     for name in tqdm(args.configs, desc="configs"):
