@@ -43,7 +43,7 @@ struct Side {
 inline void prefetch_page(const Side& side, int64_t page, int S, int D, size_t elem) {
   const size_t bytes = side.bits ? S * D * side.bits / 8 : S * D * elem;
   const char* base = static_cast<const char*>(side.data) + page * bytes;
-  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(base + off);
+  for (size_t off = 0; off < bytes; off += 256) __builtin_prefetch(base + off);
 }
 
 // exp(x) for x <= 0 (logits minus their running max): 2^n * 2^f with a degree-6
@@ -111,16 +111,23 @@ inline f32x16 load16(const float* p) {
 
 inline f32x16 splat(float x) { return f32x16{} + x; }
 
+// Lane reductions as trees of shuffles: a loop over the lanes would be a chain of 15
+// dependent operations, which costs more than the page's arithmetic.
+template <typename Op>
+inline float reduce_lanes(f32x16 v, Op op) {
+  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
 inline float lane_sum(f32x16 v) {
-  float sum = 0.f;
-  for (int i = 0; i < kLanes; ++i) sum += v[i];
-  return sum;
+  return reduce_lanes(v, [](f32x16 a, f32x16 b) { return a + b; });
 }
 
 inline float lane_max(f32x16 v) {
-  float top = v[0];
-  for (int i = 1; i < kLanes; ++i) top = std::max(top, v[i]);
-  return top;
+  return reduce_lanes(v, [](f32x16 a, f32x16 b) { return a > b ? a : b; });
 }
 
 // exp of every lane (lanes <= 0 expected), as exp_nonpositive.
