@@ -41,8 +41,10 @@ def free_port() -> int:
 
 @contextmanager
 def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_timeout: float = 600,
-                keep_log: bool = False):
-    """Yield the base URL of a ``vllm serve`` process; stop it (and its children) after."""
+                keep_log: bool = False, env: dict[str, str] | None = None):
+    """Yield the base URL of a ``vllm serve`` process; stop it (and its children) after.
+
+    ``env``: variables set for the server on top of this process's environment."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="vllm-serve-", delete=False)
     cmd = [
@@ -51,7 +53,7 @@ def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_tim
         "--kv-cache-memory-bytes", str(kv_bytes), *CPU_FLAGS, *args,
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+                            env={**os.environ, "VLLM_NO_USAGE_STATS": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     started = False
     try:
