@@ -43,10 +43,12 @@ def load() -> ModuleType | None:
     from torch.utils.cpp_extension import load as load_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-fopenmp-simd", *([_MARCH[capability]] if capability in _MARCH else [])]
+    # -fopenmp: at::parallel_for is inlined here, and spreads rows over threads only if the
+    # extension itself is built with OpenMP (torch's own libgomp is already loaded).
+    flags = ["-O3", "-fopenmp", *([_MARCH[capability]] if capability in _MARCH else [])]
     try:
         return load_extension(f"kvcompress_cpu_decode_{capability.lower()}", [str(_SOURCE)],
-                              extra_cflags=flags, verbose=False)
+                              extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001  no compiler, headers...: the torch path serves
         logger.warning("kvcompress: the CPU decode kernel could not be built (%s: %s); "
                        "decode attention runs on the torch path", type(error).__name__, error)

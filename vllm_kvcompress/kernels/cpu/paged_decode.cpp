@@ -46,25 +46,6 @@ inline void prefetch_page(const Side& side, int64_t page, int S, int D, size_t e
   for (size_t off = 0; off < bytes; off += 256) __builtin_prefetch(base + off);
 }
 
-// exp(x) for x <= 0 (logits minus their running max): 2^n * 2^f with a degree-6
-// polynomial for 2^f on [-0.5, 0.5] (relative error ~2e-7); 0 below -87.
-inline float exp_nonpositive(float x) {
-  const float y = std::max(x, -87.f) * 1.4426950408889634f;
-  const float n = (y + 12582912.f) - 12582912.f;  // round to nearest (|y| < 2**22), vectorizable
-  const float f = y - n;
-  float p = 1.5353362e-4f;
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6181291e-3f;
-  p = p * f + 5.5504109e-2f;
-  p = p * f + 2.4022651e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
-}
-
 // Slots [0, n) of `page` as float32 rows of D in `buf`; float32 pages are returned in place.
 template <typename scalar_t>
 const float* load_page(const Side& side, int64_t page, int n, int S, int D, int groups,
@@ -130,11 +111,12 @@ inline float lane_max(f32x16 v) {
   return reduce_lanes(v, [](f32x16 a, f32x16 b) { return a > b ? a : b; });
 }
 
-// exp of every lane (lanes <= 0 expected), as exp_nonpositive.
+// exp of every lane, for lanes <= 0 (logits minus their running max): 2^n * 2^f with a
+// degree-6 polynomial for 2^f on [-0.5, 0.5] (relative error ~2e-7); 0 below -87.
 inline f32x16 exp16(f32x16 x) {
   const f32x16 low = splat(-87.f);
   const f32x16 y = (x < low ? low : x) * 1.4426950408889634f;
-  const f32x16 n = (y + 12582912.f) - 12582912.f;
+  const f32x16 n = (y + 12582912.f) - 12582912.f;  // round to nearest (|y| < 2**22)
   const f32x16 f = y - n;
   f32x16 p = splat(1.5353362e-4f);
   p = p * f + 1.3398874e-3f;
@@ -148,6 +130,8 @@ inline f32x16 exp16(f32x16 x) {
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return x < low ? f32x16{} : p * two_n;
 }
+
+inline float exp_nonpositive(float x) { return exp16(splat(x))[0]; }
 
 // Lane i of the result is the sum of the lanes of x[i]. A tree of 15 adds and 30
 // shuffles instead of 16 separate reductions; each level pairs vectors and halves
