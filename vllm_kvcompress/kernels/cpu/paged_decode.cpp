@@ -24,7 +24,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -36,6 +35,19 @@ struct Side {
   const at::Half* scale;     // [P, S, groups] (bits 8 and 4)
   const at::Half* zero;      // [P, S, groups] (bits 4: the group's minimum)
   int64_t bits;
+};
+
+// One call's rows: the query, both sides of the pool, the page table and the shapes.
+struct Job {
+  const float* q;       // [B, H * G, D]
+  Side k, v;
+  const float* count;   // [P, S] or null
+  const int32_t* table; // [R, width]
+  const int64_t* lens;  // [R]
+  float* out;           // [B, H * G, D]
+  int64_t rows, heads, width;
+  int G, D, S, groups;
+  float scale;
 };
 
 // Ask for a page's bytes of one side ahead of use: pages sit anywhere in the pool,
@@ -202,10 +214,9 @@ inline void attend16(Head<DIM>& h, const f32x16* q, const float* keys, const flo
 
 // The vector path: DIM a multiple of 16, pages of 16k slots.
 template <typename scalar_t, int DIM>
-void decode_rows_vector(const float* q, const Side& k, const Side& v, const float* count,
-                        const int32_t* table, const int64_t* lens, float* out, int64_t rows,
-                        int64_t heads, int G, int S, int64_t width, int groups, float scale) {
+void decode_rows_vector(const Job& job) {
   constexpr int C = DIM / kLanes;
+  const auto [q, k, v, count, table, lens, out, rows, heads, width, G, D, S, groups, scale] = job;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kbuf(S * DIM), vbuf(S * DIM), bias(S);
     std::vector<Head<DIM>> state(G);
@@ -248,10 +259,8 @@ void decode_rows_vector(const float* q, const Side& k, const Side& v, const floa
 
 // The scalar path, for any head_dim and page size.
 template <typename scalar_t>
-void decode_rows_scalar(const float* q, const Side& k, const Side& v, const float* count,
-                        const int32_t* table, const int64_t* lens, float* out, int64_t rows,
-                        int64_t heads, int G, int D, int S, int64_t width, int groups,
-                        float scale) {
+void decode_rows_scalar(const Job& job) {
+  const auto [q, k, v, count, table, lens, out, rows, heads, width, G, D, S, groups, scale] = job;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kbuf(S * D), vbuf(S * D), logits(S), acc(G * D), m(G), l(G);
     for (int64_t row = begin; row < end; ++row) {
@@ -318,20 +327,16 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
   auto out = torch::empty({batch, num_q_heads, head_dim}, q.options().dtype(torch::kFloat32));
   const Side ks = side_of(k, k_scale, k_min, k_bits), vs = side_of(v, v_scale, v_min, v_bits);
   const float* counts = count.numel() ? count.data_ptr<float>() : nullptr;
+  const Job job{q.data_ptr<float>(), ks, vs, counts, table.data_ptr<int32_t>(),
+                lens.data_ptr<int64_t>(), out.data_ptr<float>(), rows, heads, table.size(1),
+                G, static_cast<int>(head_dim), S, static_cast<int>(groups),
+                static_cast<float>(scale)};
   const bool vector = S % kLanes == 0 && (head_dim == 64 || head_dim == 128);
   auto run = [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const auto args = std::make_tuple(q.data_ptr<float>(), ks, vs, counts,
-                                      table.data_ptr<int32_t>(), lens.data_ptr<int64_t>(),
-                                      out.data_ptr<float>(), rows, heads, G);
-    const int64_t width = table.size(1);
-    const int ngroups = static_cast<int>(groups);
-    const float sc = static_cast<float>(scale);
-    std::apply([&](auto... a) {
-      if (vector && head_dim == 64) decode_rows_vector<scalar_t, 64>(a..., S, width, ngroups, sc);
-      else if (vector) decode_rows_vector<scalar_t, 128>(a..., S, width, ngroups, sc);
-      else decode_rows_scalar<scalar_t>(a..., static_cast<int>(head_dim), S, width, ngroups, sc);
-    }, args);
+    if (vector && head_dim == 64) decode_rows_vector<scalar_t, 64>(job);
+    else if (vector) decode_rows_vector<scalar_t, 128>(job);
+    else decode_rows_scalar<scalar_t>(job);
   };
   switch (model_dtype) {
     case torch::kFloat32: run(std::type_identity<float>{}); break;
