@@ -10,9 +10,11 @@ results measured: a pass key, and RULER's multi-key needle (four labelled keys,
 one asked for). ``--tasks`` adds RULER's others: ``multivalue`` (four keys for one
 label, all asked for), ``kvretrieval`` (a JSON object of UUIDs), ``vartrack``
 (a chain of variable assignments), ``commonwords`` (the ten most frequent words of
-a list; 8 of 10 count as correct) and ``qa`` (which city one person of many
-records moved to). Each configuration serves the default model through ``vllm
-serve`` (one server for all contexts); plain vLLM with the full cache runs first.
+a list) and ``qa`` (which city one person of many records moved to). A sample
+scores as RULER scores it: the share of its answers in the output (0 or 1 for
+the one-answer tasks), so *correct* may be fractional. Each configuration serves
+the default model through ``vllm serve`` (one server for all contexts); plain
+vLLM with the full cache runs first.
 *relative* is a configuration's correct answers over the full cache's.
 
 With one context (``--context``, the default) results/accuracy.json is as it
@@ -51,8 +53,8 @@ POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv", "ch
             "spindlekv", "quest", "pod")
 
 
-def answers(url: str, model: str, samples) -> list[bool]:
-    def ask(sample) -> bool:
+def answers(url: str, model: str, samples) -> list[float]:
+    def ask(sample) -> float:
         response = httpx.post(f"{url}/v1/completions", timeout=1800, json={
             "model": model, "prompt": sample.prompt, "max_tokens": sample.max_tokens,
             "temperature": 0})
@@ -63,7 +65,7 @@ def answers(url: str, model: str, samples) -> list[bool]:
         return list(pool.map(ask, samples))
 
 
-def measure(samples, correct: list[bool], tasks) -> dict:
+def measure(samples, correct: list[float], tasks) -> dict:
     """One context's counts for one configuration (the fields of the one-context layout)."""
     return {"correct": sum(correct), "total": len(correct),
             "per_task": {task: sum(c for c, s in zip(correct, samples) if s.task == task)

@@ -43,7 +43,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks.results import save
+from benchmarks.results import machine, save
 from benchmarks.server import ServerStartError, kv_capacity_tokens, vllm_server
 from benchmarks.tasks import documents
 
@@ -108,7 +108,9 @@ def compare(reference: list[list[Step]], forced: list[list[Step]], free: list[li
             "prefix_tokens": prefix / len(reference)}
 
 
-def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: int) -> dict:
+def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: int,
+        checkpoint=None) -> dict:
+    """Every configuration against plain vLLM; ``checkpoint(result so far)`` after each one."""
     from transformers import AutoTokenizer
 
     from vllm_kvcompress.models import default_model_path
@@ -116,6 +118,8 @@ def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: i
     model = str(default_model_path())
     samples = documents(AutoTokenizer.from_pretrained(model), context, prompts)
     results: dict[str, dict] = {}
+    result = {"machine": machine(), "context_tokens": context, "prompts": prompts,
+              "tokens": tokens, "kv_bytes": kv_bytes, "configs": results}
     reference: list[list[Step]] = []
     for name in tqdm(["plain", *[c for c in configs if c != "plain"]], desc="configs"):
         flags = CONFIGS[name]
@@ -133,11 +137,12 @@ def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: i
                         samples, reference))
         except ServerStartError as exc:  # a mode this machine cannot run
             results[name] = {"flags": list(flags), "error": exc.reason[:300]}
-            continue
-        results[name] = {"flags": list(flags), "kv_tokens": capacity,
-                         **compare(reference, forced, free)}
-    return {"context_tokens": context, "prompts": prompts, "tokens": tokens, "kv_bytes": kv_bytes,
-            "configs": results}
+        else:
+            results[name] = {"flags": list(flags), "kv_tokens": capacity,
+                             **compare(reference, forced, free)}
+        if checkpoint is not None:  # a long run interrupted keeps what it measured
+            checkpoint(result)
+    return result
 
 
 def plot(result: dict, path: Path) -> None:
@@ -170,8 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("results/fidelity.json"))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    result = {"command": shlex.join(["python", "-m", "benchmarks.fidelity", *argv]),
-              **run(args.configs, args.context, args.prompts, args.tokens, args.kv_bytes)}
+    command = shlex.join(["python", "-m", "benchmarks.fidelity", *argv])
+
+    def checkpoint(partial: dict) -> None:
+        save({"command": command, **partial}, args.out, plot)
+
+    result = {"command": command, **run(args.configs, args.context, args.prompts, args.tokens,
+                                         args.kv_bytes, checkpoint)}
     save(result, args.out, plot)
     for name, r in result["configs"].items():
         if "error" in r:

@@ -21,6 +21,11 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _n(count: float) -> str:
+    """A count of correct answers: whole, or with RULER's partial credit."""
+    return f"{round(count, 2):g}"
+
+
 def memory_section(data: dict) -> list[str]:
     lines = [
         "### Bytes per stored token",
@@ -44,7 +49,8 @@ def fidelity_section(data: dict, name: str = "fidelity",
     lines = [
         f"### {title}",
         "",
-        f"`{command}` ({data['prompts']} prompts of ~{data['context_tokens']} "
+        f"`{command}`" + (f" on {data['machine']}" if "machine" in data else "")
+        + f" ({data['prompts']} prompts of ~{data['context_tokens']} "
         f"tokens, {data['tokens']} greedy tokens each, against plain vLLM in the same run; "
         "agreement and KL teacher-forced along plain vLLM's continuation, prefix free-running)",
         "",
@@ -75,7 +81,7 @@ def accuracy_section(data: dict) -> list[str]:
         "",
         f"`python -m benchmarks.accuracy` ({' and '.join(tasks)}, {data['samples_per_task']} "
         f"prompts each of ~{data['context_tokens']} tokens; plain vLLM's full cache in the same "
-        f"run: {full['correct']}/{full['total']}). A cell: correct answers "
+        f"run: {_n(full['correct'])}/{full['total']}). A cell: correct answers "
         f"({' + '.join(tasks)}) and the share of the full cache's.",
         "",
         "| policy | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
@@ -88,9 +94,9 @@ def accuracy_section(data: dict) -> list[str]:
             if r is None:
                 cells.append("")
                 continue
-            split = " + ".join(str(r["per_task"][t]) for t in tasks)
+            split = " + ".join(_n(r["per_task"][t]) for t in tasks)
             rel = "" if r["relative"] is None else f" ({100 * r['relative']:.0f}%)"
-            cells.append(f"{r['correct']}/{r['total']} = {split}{rel}")
+            cells.append(f"{_n(r['correct'])}/{r['total']} = {split}{rel}")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy](results/accuracy.png)"]
     return lines
@@ -101,8 +107,12 @@ def accuracy_grid_section(data: dict) -> list[str]:
     tasks, configs, contexts = data["tasks"], data["configs"], data["context_tokens"]
     contexts = [contexts] if isinstance(contexts, int) else contexts
     budgets = sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
-    full = configs["full"]
     per = data["samples_per_task"]
+    if "full" not in configs:  # still running: nothing is measured at every length yet
+        return ["### Long-context accuracy over lengths and budgets", "",
+                f"`{data.get('command', 'python -m benchmarks.accuracy')}`: not finished; "
+                f"measured so far: {', '.join(data.get('incomplete', {})) or 'nothing'}."]
+    full = configs["full"]
 
     def part(r: dict, ctx: int) -> dict:
         return r["per_context"][str(ctx)] if "per_context" in r else r
@@ -112,19 +122,19 @@ def accuracy_grid_section(data: dict) -> list[str]:
         "",
         f"`{data.get('command', 'python -m benchmarks.accuracy')}` ({len(tasks)} tasks, {per} "
         f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
-        "same run). The full cache's correct answers per task, out of "
-        f"{per}:",
+        "same run; a sample scores the share of its answers found, RULER's string match). "
+        f"The full cache's score per task, out of {per}:",
         "",
         "| task | " + " | ".join(f"~{c} tokens" for c in contexts) + " |",
         "| --- | " + " | ".join("---:" for _ in contexts) + " |",
     ]
     for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(str(part(full, c)["per_task"][task])
+        lines.append(f"| {task} | " + " | ".join(_n(part(full, c)["per_task"][task])
                                                   for c in contexts) + " |")
     lines += [
         "",
         f"Each policy: correct answers over every task and length, and the share of the full "
-        f"cache's ({full['correct']}/{full['total']}).",
+        f"cache's ({_n(full['correct'])}/{full['total']}).",
         "",
         "| policy | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
         "| --- | " + " | ".join("---:" for _ in budgets) + " |",
@@ -140,7 +150,7 @@ def accuracy_grid_section(data: dict) -> list[str]:
             rel = "" if r["relative"] is None else f" ({100 * r['relative']:.0f}%)"
             if r["relative"] is not None:
                 shares[b][policy] = r["relative"]
-            cells.append(f"{r['correct']}/{r['total']}{rel}")
+            cells.append(f"{_n(r['correct'])}/{r['total']}{rel}")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     targets = []
     for b, bar in ((0.25, 0.95), (0.1, 0.85)):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from benchmarks.report import fidelity_section, offline_throughput_section, render
+from benchmarks.report import (accuracy_grid_section, fidelity_section,
+                               offline_throughput_section, render)
 from benchmarks.throughput import arguments
 
 
@@ -45,3 +46,29 @@ def test_fidelity_tables_name_their_command_and_image():
 def test_the_published_results_render():
     text = render()
     assert "### Throughput under memory pressure" in text and "### Fidelity" in text
+
+
+def test_accuracy_grid_shows_partial_credit_shares_and_the_targets():
+    def config(correct, full_correct):
+        tasks = {"passkey": 4, "multivalue": correct - 4}
+        per = {"1000": {"correct": correct, "total": 8, "per_task": tasks,
+                        "relative": correct / full_correct}}
+        return {"flags": [], "correct": correct, "total": 8, "relative": correct / full_correct,
+                "per_task": per["1000"]["per_task"], "per_context": per}
+
+    data = {"command": "python -m benchmarks.accuracy --contexts 1000", "context_tokens": [1000],
+            "tasks": ["passkey", "multivalue"], "samples_per_task": 4,
+            "configs": {"full": config(6.5, 6.5), "pyramidkv@0.25": config(6.25, 6.5),
+                        "pyramidkv@0.1": config(5.0, 6.5)}}
+    table = "\n".join(accuracy_grid_section(data))
+    assert "| multivalue | 2.5 |" in table
+    assert "| pyramidkv | 6.25/8 (96%) | 5/8 (77%) |" in table
+    assert "met by pyramidkv" in table and "missed by pyramidkv (77%)" in table
+
+
+def test_an_unfinished_accuracy_grid_says_what_it_has():
+    data = {"command": "python -m benchmarks.accuracy --contexts 1000 2000",
+            "context_tokens": [1000, 2000],
+            "tasks": ["passkey"], "samples_per_task": 4, "configs": {},
+            "incomplete": {"full": {"flags": [], "contexts": {}}}}
+    assert "not finished; measured so far: full." in "\n".join(accuracy_grid_section(data))
