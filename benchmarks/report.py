@@ -134,7 +134,9 @@ def accuracy_grid_section(data: dict) -> list[str]:
     lines += [
         "",
         f"Each policy: correct answers over every task and length, and the share of the full "
-        f"cache's ({_n(full['correct'])}/{full['total']}).",
+        f"cache's ({_n(full['correct'])}/{full['total']})"
+        + (f", then the share at each length ({' / '.join(map(str, contexts))} tokens)."
+           if len(contexts) > 1 else "."),
         "",
         "| policy | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
         "| --- | " + " | ".join("---:" for _ in budgets) + " |",
@@ -147,9 +149,12 @@ def accuracy_grid_section(data: dict) -> list[str]:
             if r is None:
                 cells.append("")
                 continue
-            rel = "" if r["relative"] is None else f" ({100 * r['relative']:.0f}%)"
+            rel = ""
             if r["relative"] is not None:
                 shares[b][policy] = r["relative"]
+                each = [part(r, c).get("relative") for c in contexts] if len(contexts) > 1 else []
+                rel = f" ({100 * r['relative']:.0f}%" + (": " + " / ".join(
+                    "-" if v is None else f"{100 * v:.0f}" for v in each) if each else "") + ")"
             cells.append(f"{_n(r['correct'])}/{r['total']}{rel}")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     targets = []

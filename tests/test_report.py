@@ -56,7 +56,7 @@ def test_accuracy_grid_shows_partial_credit_shares_and_the_targets():
         return {"flags": [], "correct": correct, "total": 8, "relative": correct / full_correct,
                 "per_task": per["1000"]["per_task"], "per_context": per}
 
-    data = {"command": "python -m benchmarks.accuracy --contexts 1000", "context_tokens": [1000],
+    data = {"command": "python -m benchmarks.accuracy --contexts 1000", "context_tokens": 1000,
             "tasks": ["passkey", "multivalue"], "samples_per_task": 4,
             "configs": {"full": config(6.5, 6.5), "pyramidkv@0.25": config(6.25, 6.5),
                         "pyramidkv@0.1": config(5.0, 6.5)}}
