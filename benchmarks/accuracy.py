@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks.results import save
+from benchmarks.results import machine, save
 from benchmarks.server import vllm_server
 from benchmarks.tasks import DEFAULT_TASKS, TASKS, score
 
@@ -166,7 +166,7 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
     for policy in policies:
         for budget in budgets:
             configs[f"{policy}@{budget}"] = ("--kv-policy", policy, "--kv-budget", str(budget))
-    result = {"command": command,
+    result = {"command": command, "machine": machine(),
               "context_tokens": contexts[0] if len(contexts) == 1 else contexts,
               "tasks": list(tasks), "budgets": list(budgets),
               "samples_per_task": samples_per_task, "configs": {}}

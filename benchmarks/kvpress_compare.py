@@ -178,10 +178,10 @@ def side_by_side(ours: dict, theirs: dict) -> list[str]:
              "per task: ours | kvpress"]
     for name, r in theirs.items():
         o = ours.get(name)
-        mine = f"{o['correct']}/{o['total']}" if o else "-"
+        mine = f"{o['correct']:g}/{o['total']}" if o else "-"  # RULER's partial credit
         kept = "-" if r.get("kept_fraction") is None else f"{r['kept_fraction']:.3f}"
         note = f"  error: {r['error']}" if r.get("error") else ""
-        lines.append(f"{name:18} {mine:>11} {r['correct']:>5}/{r['total']:<2} {kept:>6}  "
+        lines.append(f"{name:18} {mine:>11} {r['correct']:>5g}/{r['total']:<2} {kept:>6}  "
                      f"{o['per_task'] if o else '-'} | {r['per_task']}{note}")
     return lines
 

@@ -120,7 +120,8 @@ def accuracy_grid_section(data: dict) -> list[str]:
     lines = [
         "### Long-context accuracy over lengths and budgets",
         "",
-        f"`{data.get('command', 'python -m benchmarks.accuracy')}` ({len(tasks)} tasks, {per} "
+        f"`{data.get('command', 'python -m benchmarks.accuracy')}`"
+        + (f" on {data['machine']}" if "machine" in data else "") + f" ({len(tasks)} tasks, {per} "
         f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
         "same run; a sample scores the share of its answers found, RULER's string match). "
         f"The full cache's score per task, out of {per}:",

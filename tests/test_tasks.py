@@ -300,8 +300,8 @@ def test_the_grid_report_shows_the_full_cache_per_task_and_the_targets():
     assert "`python -m benchmarks.accuracy --contexts 1000 4000`" in table
     # _fake_measure marks the first samples correct: passkey's two, then qa's.
     assert "| passkey | 2 | 2 |" in table and "| qa | 2 | 0 |" in table
-    assert "| snapkv | 6/8 (100%) | 5/8 (83%) |" in table
-    assert "| h2o | 3/8 (50%) |  |" in table
+    assert "| snapkv | 6/8 (100%: 100 / 100) | 5/8 (83%: 75 / 100) |" in table
+    assert "| h2o | 3/8 (50%: 50 / 50) |  |" in table
     assert ("at budget 0.25, >= 95% of the full cache: met by snapkv; missed by h2o (50%)"
             in table)
     assert "at budget 0.1, >= 85% of the full cache: met by none; missed by snapkv (83%)" in table
