@@ -223,9 +223,11 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel("KV budget (fraction of the prompt)")
-        ax.set_ylabel("correct answers (%)")
+        ax.set_ylabel("score (% of the maximum)")
         ax.set_ylim(0, 105)
-        ax.set_title(f"{' + '.join(result['tasks'])}, ~{ctx} tokens")
+        tasks = result["tasks"]
+        named = " + ".join(tasks) if len(tasks) <= 2 else f"{len(tasks)} RULER-style tasks"
+        ax.set_title(f"{named}, ~{ctx} tokens")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -299,8 +299,11 @@ def offline_throughput_section(data: dict) -> list[str]:
     lines = [
         "### Throughput under memory pressure, offline",
         "",
-        f"`{data.get('command', 'python -m benchmarks.throughput --modes offline')}` (`LLM.generate` "
-        f"over the same {data['requests']} prompts, all submitted at once; KV space "
+        f"`{data.get('command', 'python -m benchmarks.throughput --modes offline')}`"
+        + (f" on {data['machine']}" if "machine" in data else "") + " (`LLM.generate` over "
+        f"{data['requests']} prompts of {data['prompt_tokens'][0]}-{data['prompt_tokens'][1]} "
+        f"tokens, outputs {data['output_tokens'][0]}-{data['output_tokens'][1]} tokens, all "
+        "submitted at once; KV space "
         f"{data['kv_bytes'] / 1e6:.0f} MB, `plain-ample` {data['ample_kv_bytes'] / 1e6:.0f} MB; "
         "each configuration its own engine, one after the other in the same run)",
         "",

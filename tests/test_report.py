@@ -22,6 +22,7 @@ def test_offline_table_compares_with_plain_and_the_ceiling():
                             "elapsed_s": 600.0}}
 
     data = {"command": "python -m benchmarks.throughput --modes offline", "requests": 16,
+            "prompt_tokens": [1000, 2000], "output_tokens": [512, 512],
             "kv_bytes": 8e8, "ample_kv_bytes": 4e9,
             "configs": {"plain-ample": row(20.0), "plain": row(10.0), "pyramidkv@0.25": row(19.0)}}
     table = "\n".join(offline_throughput_section(data))
