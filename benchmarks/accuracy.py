@@ -176,6 +176,9 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
         measured = earlier_measures(earlier, tasks, samples_per_task, contexts)
         if measured:
             result["budgets"] = sorted(set(budgets) | set(earlier["budgets"]), reverse=True)
+            # The runs whose measurements this file keeps, so its table names every command.
+            result["resumed_from"] = [*earlier.get("resumed_from", []),
+                                      *([earlier["command"]] if "command" in earlier else [])]
         dropped = [n for n, m in measured.items()
                    if n not in configs and len(m["contexts"]) < len(contexts)]
         if dropped:

@@ -121,6 +121,7 @@ def accuracy_grid_section(data: dict) -> list[str]:
         "### Long-context accuracy over lengths and budgets",
         "",
         f"`{data.get('command', 'python -m benchmarks.accuracy')}`"
+        + "".join(f", keeping what `{c}` measured" for c in data.get("resumed_from", []))
         + (f" on {data['machine']}" if "machine" in data else "") + f" ({len(tasks)} tasks, {per} "
         f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
         "same run; a sample scores the share of its answers found, RULER's string match). "
