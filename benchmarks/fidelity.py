@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     def checkpoint(partial: dict) -> None:
         save({"command": command, **partial}, args.out, plot)
 
+    # run() always measures plain, so its last checkpoint already wrote the whole result.
     result = {"command": command, **run(args.configs, args.context, args.prompts, args.tokens,
                                          args.kv_bytes, checkpoint)}
-    save(result, args.out, plot)
     for name, r in result["configs"].items():
         if "error" in r:
             print(f"{name:22} cannot run here: {r['error']}")

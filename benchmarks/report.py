@@ -26,6 +26,11 @@ def _n(count: float) -> str:
     return f"{round(count, 2):g}"
 
 
+def _on(data: dict) -> str:
+    """" on <machine>" for results that name the machine they ran on (older ones do not)."""
+    return f" on {data['machine']}" if "machine" in data else ""
+
+
 def memory_section(data: dict) -> list[str]:
     lines = [
         "### Bytes per stored token",
@@ -49,7 +54,7 @@ def fidelity_section(data: dict, name: str = "fidelity",
     lines = [
         f"### {title}",
         "",
-        f"`{command}`" + (f" on {data['machine']}" if "machine" in data else "")
+        f"`{command}`" + _on(data)
         + f" ({data['prompts']} prompts of ~{data['context_tokens']} "
         f"tokens, {data['tokens']} greedy tokens each, against plain vLLM in the same run; "
         "agreement and KL teacher-forced along plain vLLM's continuation, prefix free-running)",
@@ -122,7 +127,7 @@ def accuracy_grid_section(data: dict) -> list[str]:
         "",
         f"`{data.get('command', 'python -m benchmarks.accuracy')}`"
         + "".join(f", keeping what `{c}` measured" for c in data.get("resumed_from", []))
-        + (f" on {data['machine']}" if "machine" in data else "") + f" ({len(tasks)} tasks, {per} "
+        + _on(data) + f" ({len(tasks)} tasks, {per} "
         f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
         "same run; a sample scores the share of its answers found, RULER's string match). "
         f"The full cache's score per task, out of {per}:",
@@ -198,7 +203,7 @@ def kvpress_section(data: dict) -> list[str]:
             return "not run"
         if r.get("error"):
             return f"error: {r['error'].splitlines()[-1][:80]}"
-        return f"{r['correct']} = " + " + ".join(str(r["per_task"][t]) for t in data["tasks"])
+        return f"{_n(r['correct'])} = " + " + ".join(_n(r["per_task"][t]) for t in data["tasks"])
 
     for name, r in data["configs"].items():
         method, _, budget = name.partition("@")
@@ -253,7 +258,7 @@ def throughput_section(data: dict, title: str = "Throughput under memory pressur
         f"### {title}",
         "",
         f"`{data.get('command', 'python -m benchmarks.throughput')}`"
-        + (f" on {data['machine']}" if "machine" in data else "") + f" ({data['requests']} requests, prompts "
+        + _on(data) + f" ({data['requests']} requests, prompts "
         f"{data['prompt_tokens'][0]}-{data['prompt_tokens'][1]} tokens, outputs "
         f"{data['output_tokens'][0]}-{data['output_tokens'][1]} tokens, greedy, {level} streaming "
         f"clients; a KV space of {data['kv_bytes'] / 1e6:.0f} MB, where plain vLLM runs "
@@ -301,7 +306,7 @@ def offline_throughput_section(data: dict) -> list[str]:
         "### Throughput under memory pressure, offline",
         "",
         f"`{data.get('command', 'python -m benchmarks.throughput --modes offline')}`"
-        + (f" on {data['machine']}" if "machine" in data else "") + " (`LLM.generate` over "
+        + _on(data) + " (`LLM.generate` over "
         f"{data['requests']} prompts of {data['prompt_tokens'][0]}-{data['prompt_tokens'][1]} "
         f"tokens, outputs {data['output_tokens'][0]}-{data['output_tokens'][1]} tokens, all "
         "submitted at once; KV space "
