@@ -122,3 +122,43 @@ def test_reads_the_store_after_eviction(fmt_name):
     out = cpu.paged_decode(q, store.parts, shape.format, store.tables[0, torch.from_numpy(rows)],
                            lens, 0.125)
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("fmt_name,head_dim", [("none", 64), ("k8v4", 128), ("k4v4", 64)])
+def test_few_long_rows_split_and_merge(fmt_name, head_dim, threads):
+    """Too few rows for the threads: rows are cut into splits (some past a short row's end,
+    which weigh nothing) and merged; the result is the unsplit one's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lens in ([5000, 3], [1, 9000], [700, 64]):
+            out, ref = run_both(fmt_name, torch.float32, head_dim, 3, 16, lens, seed=len(lens))
+            assert_close(out, ref, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fmt_name", ["none", "k8v4", "k4v4"])
+@pytest.mark.parametrize("head_dim,page_size", [(64, 16), (128, 32), (48, 8)])
+def test_slots_past_the_row_end_never_reach_the_output(fmt_name, head_dim, page_size):
+    """A row's last page is partly filled; what its other slots hold (NaN here, as in a
+    page freshly taken from the pool) must not leak into the result."""
+    gen = torch.Generator().manual_seed(7)
+    fmt = page_format(fmt_name)
+    lens = [page_size + 3, 5, 1, 2 * page_size - 1]
+    table, num_pages = random_table(lens, page_size, 0, gen)
+    table = table.cpu()
+    parts = {n: p.cpu() for n, p in random_pool(fmt, num_pages, page_size, head_dim,
+                                                torch.float32, gen).items()}
+    q = torch.randn(2, 2 * 3, head_dim, generator=gen)
+    args = (q, parts, fmt, table, torch.tensor(lens), head_dim ** -0.5)
+    ref = cpu.paged_decode(*args)
+    for row, n in enumerate(lens):
+        page, used = table[row, n // page_size], n % page_size
+        if used:
+            for name, part in parts.items():
+                part[page, used:] = float("nan") if part.is_floating_point() else 255
+    out = cpu.paged_decode(*args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

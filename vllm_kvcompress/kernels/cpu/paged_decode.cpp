@@ -4,17 +4,19 @@
 // and its tokens sit in pages table[row, :ceil(lens[row] / S)] of the store's
 // component tensors. A task attends the G query heads of one row:
 //
-//   table[row] -> page -> codes + fp16 scale/min of S slots -> dequantize into an
-//   L1-sized float buffer [S, D] (float32 pages are read in place)
-//   q[b, h*G:(h+1)*G] . keys -> logits [G, S] -> online softmax -> acc [G, D]
+//   table[row] -> pages -> codes + fp16 scale/min -> dequantize a tile of slots into
+//   an L1-sized float buffer (float32 pages are read in place)
+//   q[b, h*G:(h+1)*G] . keys -> logits [G, tile] -> online softmax -> acc [G, D]
 //
-// Rows are spread over torch's intra-op threads. Head dims that are multiples of
-// 16 (64, 128 compiled in) and pages of 16k slots take the vector path: 16 slots
-// at a time in GCC/Clang vector types (one AVX-512 register, two AVX2 ones, four
-// NEON ones), the 16 dot products reduced together by one transpose-and-add tree
-// and a polynomial exp, so nothing needs -ffast-math and IEEE inf/NaN semantics
-// hold. Other shapes take a plain scalar path. Dequantization follows
-// paging/formats.py's decode (code * scale + min, float32).
+// Tasks are spread over torch's intra-op threads; when there are too few rows for
+// the threads, a row is cut into splits whose softmax states are merged after.
+// Head dims 64 and 128 with pages of 16k slots take the vector path: runs of 16
+// slots in GCC/Clang vector types (one AVX-512 register, two AVX2 ones, four NEON
+// ones), the 16 dot products reduced together by one transpose-and-add tree, one
+// softmax step per tile and a polynomial exp, so nothing needs -ffast-math and IEEE
+// inf/NaN semantics hold. Other shapes take a plain scalar path. Dequantization
+// follows paging/formats.py's decode (code * scale + min, float32). Slots past a
+// row's end are never read into the output: they may hold anything.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,6 +28,10 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -50,46 +56,12 @@ struct Job {
   float scale;
 };
 
-// Ask for a page's bytes of one side ahead of use: pages sit anywhere in the pool,
+// Ask for `n` slots' bytes of one side ahead of use: pages sit anywhere in the pool,
 // so the hardware prefetcher cannot follow a row from one page to the next.
-inline void prefetch_page(const Side& side, int64_t page, int S, int D, size_t elem) {
-  const size_t bytes = side.bits ? S * D * side.bits / 8 : S * D * elem;
-  const char* base = static_cast<const char*>(side.data) + page * bytes;
-  for (size_t off = 0; off < bytes; off += 256) __builtin_prefetch(base + off);
-}
-
-// Slots [0, n) of `page` as float32 rows of D in `buf`; float32 pages are returned in place.
-template <typename scalar_t>
-const float* load_page(const Side& side, int64_t page, int n, int S, int D, int groups,
-                       float* buf) {
-  const int gsize = D / groups;
-  if (side.bits == 0) {
-    const scalar_t* x = static_cast<const scalar_t*>(side.data) + page * S * D;
-    if constexpr (std::is_same_v<scalar_t, float>) return x;
-    for (int i = 0; i < n * D; ++i) buf[i] = static_cast<float>(x[i]);
-    return buf;
-  }
-  const int code_len = static_cast<int>(D * side.bits / 8);
-  const uint8_t* codes = static_cast<const uint8_t*>(side.data) + page * S * code_len;
-  const at::Half* scale = side.scale + page * S * groups;
-  for (int s = 0; s < n; ++s) {
-    for (int g = 0; g < groups; ++g) {
-      const float sc = static_cast<float>(scale[s * groups + g]);
-      float* out = buf + s * D + g * gsize;
-      if (side.bits == 8) {
-        const uint8_t* c = codes + s * code_len + g * gsize;
-        for (int j = 0; j < gsize; ++j) out[j] = (static_cast<float>(c[j]) - 128.f) * sc;
-      } else {
-        const float mn = static_cast<float>(side.zero[(page * S + s) * groups + g]);
-        const uint8_t* c = codes + s * code_len + g * gsize / 2;
-        for (int j = 0; j < gsize / 2; ++j) {  // low nibble: even channel
-          out[2 * j] = static_cast<float>(c[j] & 0x0F) * sc + mn;
-          out[2 * j + 1] = static_cast<float>(c[j] >> 4) * sc + mn;
-        }
-      }
-    }
-  }
-  return buf;
+inline void prefetch_slots(const Side& side, int64_t slot, int n, int D, size_t elem) {
+  const size_t slot_bytes = side.bits ? D * side.bits / 8 : D * elem;
+  const char* base = static_cast<const char*>(side.data) + slot * slot_bytes;
+  for (size_t off = 0; off < n * slot_bytes; off += 128) __builtin_prefetch(base + off);
 }
 
 using f32x16 = float __attribute__((vector_size(64)));
@@ -103,6 +75,81 @@ inline f32x16 load16(const float* p) {
 }
 
 inline f32x16 splat(float x) { return f32x16{} + x; }
+
+// 16 bytes widened to int32 lanes. GCC 12 scalarizes __builtin_convertvector from
+// uint8 lanes, so AVX-512 gets the widening instruction by name.
+inline i32x16 widen16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<i32x16>(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  i32x16 x;
+  for (int i = 0; i < kLanes; ++i) x[i] = p[i];
+  return x;
+#endif
+}
+
+inline f32x16 to_float(i32x16 x) { return __builtin_convertvector(x, f32x16); }
+
+// One group of `gsize` channels, a multiple of 32, from its codes: 16 codes per vector
+// at 8 bits, 32 (two channels a byte, the low nibble first) at 4.
+inline void dequantize_group(const uint8_t* codes, int bits, int gsize, float sc, float mn,
+                             float* out) {
+  for (int j = 0; j < gsize; j += 32) {
+    if (bits == 8) {
+      for (int h = 0; h < 32; h += 16) {
+        const f32x16 y = (to_float(widen16(codes + j + h)) - 128.f) * sc;
+        std::memcpy(out + j + h, &y, sizeof(y));
+      }
+    } else {
+      const i32x16 c = widen16(codes + j / 2);
+      const f32x16 lo = to_float(c & 15) * sc + mn;
+      const f32x16 hi = to_float(c >> 4) * sc + mn;
+      const f32x16 a = __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
+                                               21, 6, 22, 7, 23);
+      const f32x16 b = __builtin_shufflevector(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28,
+                                               13, 29, 14, 30, 15, 31);
+      std::memcpy(out + j, &a, sizeof(a));
+      std::memcpy(out + j + 16, &b, sizeof(b));
+    }
+  }
+}
+
+// Slots [slot, slot + n) of the pool (slot = page * S + offset) as float32 rows of D in
+// `buf`; float32 pages are returned in place.
+template <typename scalar_t>
+const float* load_slots(const Side& side, int64_t slot, int n, int D, int groups, float* buf) {
+  const int gsize = D / groups;
+  if (side.bits == 0) {
+    const scalar_t* x = static_cast<const scalar_t*>(side.data) + slot * D;
+    if constexpr (std::is_same_v<scalar_t, float>) return x;
+    for (int i = 0; i < n * D; ++i) buf[i] = static_cast<float>(x[i]);
+    return buf;
+  }
+  const int code_len = static_cast<int>(D * side.bits / 8);
+  const uint8_t* codes = static_cast<const uint8_t*>(side.data) + slot * code_len;
+  const at::Half* scale = side.scale + slot * groups;
+  for (int s = 0; s < n; ++s) {
+    for (int g = 0; g < groups; ++g) {
+      const float sc = static_cast<float>(scale[s * groups + g]);
+      const float mn =
+          side.bits == 4 ? static_cast<float>(side.zero[(slot + s) * groups + g]) : 0.f;
+      const uint8_t* c = codes + s * code_len + g * gsize * side.bits / 8;
+      float* out = buf + s * D + g * gsize;
+      if (gsize % 32 == 0) {
+        dequantize_group(c, static_cast<int>(side.bits), gsize, sc, mn, out);
+      } else if (side.bits == 8) {
+        for (int j = 0; j < gsize; ++j) out[j] = (static_cast<float>(c[j]) - 128.f) * sc;
+      } else {
+        for (int j = 0; j < gsize / 2; ++j) {  // low nibble: even channel
+          out[2 * j] = static_cast<float>(c[j] & 0x0F) * sc + mn;
+          out[2 * j + 1] = static_cast<float>(c[j] >> 4) * sc + mn;
+        }
+      }
+    }
+  }
+  return buf;
+}
 
 // Lane reductions as trees of shuffles: a loop over the lanes would be a chain of 15
 // dependent operations, which costs more than the page's arithmetic.
@@ -182,71 +229,140 @@ struct Head {
   f32x16 acc[DIM / kLanes] = {};
 };
 
-// 16 slots (keys, values: [16, DIM] float32) into the state of head `h` with query q.
-// `bias`: log counts of the slots, or null; slots from `n` on are masked.
+// Slots one softmax step takes: 16 KiB of float32 keys (and as much of values) so that
+// a tile stays in L1 while each of the G query heads reads it. One step per tile, not
+// per 16 slots, amortizes the step's serial part (max, rescale, sums) over 2-4 chunks.
 template <int DIM>
-inline void attend16(Head<DIM>& h, const f32x16* q, const float* keys, const float* values,
-                     const float* bias, int n, float scale) {
-  constexpr int C = DIM / kLanes;
-  f32x16 part[kLanes];
-  for (int s = 0; s < kLanes; ++s) {
-    f32x16 sum = q[0] * load16(keys + s * DIM);
-    for (int c = 1; c < C; ++c) sum += q[c] * load16(keys + s * DIM + c * kLanes);
-    part[kBitrev[s]] = sum;
+constexpr int kTile = 16384 / (4 * DIM);
+
+// One tile of a row: `chunks` runs of 16 slots (the last one `tail` valid), each
+// inside one page, as float32 [16, DIM] keys and values (in place or dequantized).
+template <int DIM>
+struct Tile {
+  const float* keys[kTile<DIM> / kLanes];
+  const float* values[kTile<DIM> / kLanes];
+  const float* bias = nullptr;  // [chunks * 16] log counts, or null
+  int chunks = 0, tail = kLanes;
+};
+
+// The tile into the state of head `h` with query q: 16 dot products per chunk reduced
+// by one tree, one max and one rescale for the tile, then p . V on two accumulator
+// sets, so the adds do not wait on one another.
+template <int DIM>
+inline void attend_tile(Head<DIM>& h, const f32x16* q, const Tile<DIM>& t, float scale) {
+  constexpr int C = DIM / kLanes, J = kTile<DIM> / kLanes;
+  f32x16 logits[J];
+  for (int j = 0; j < t.chunks; ++j) {
+    f32x16 part[kLanes];
+    for (int s = 0; s < kLanes; ++s) {
+      const float* key = t.keys[j] + s * DIM;
+      f32x16 sum = q[0] * load16(key);
+      for (int c = 1; c < C; ++c) sum += q[c] * load16(key + c * kLanes);
+      part[kBitrev[s]] = sum;
+    }
+    logits[j] = sum_each(part) * scale;
+    if (t.bias != nullptr) logits[j] += load16(t.bias + j * kLanes);
   }
-  f32x16 logits = sum_each(part) * scale;
-  if (bias != nullptr) logits += load16(bias);
-  if (n < kLanes) {
-    const f32x16 inf = splat(-std::numeric_limits<float>::infinity());
-    for (int s = n; s < kLanes; ++s) logits[s] = inf[0];
-  }
-  const float top = std::max(h.m, lane_max(logits));
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int s = t.tail; s < kLanes; ++s) logits[t.chunks - 1][s] = -inf;
+  f32x16 top_v = logits[0];
+  for (int j = 1; j < t.chunks; ++j) top_v = top_v > logits[j] ? top_v : logits[j];
+  const float top = std::max(h.m, lane_max(top_v));
   const float alpha = exp_nonpositive(h.m - top);
-  const f32x16 p = exp16(logits - top);
-  h.l = h.l * alpha + lane_sum(p);
+  alignas(64) float p[kTile<DIM>];
+  f32x16 psum{};
+  for (int j = 0; j < t.chunks; ++j) {
+    const f32x16 e = exp16(logits[j] - top);
+    psum += e;
+    std::memcpy(p + j * kLanes, &e, sizeof(e));
+  }
+  h.l = h.l * alpha + lane_sum(psum);
   h.m = top;
-  f32x16 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = h.acc[c] * alpha;
-  for (int s = 0; s < kLanes; ++s)
-    for (int c = 0; c < C; ++c) acc[c] += p[s] * load16(values + s * DIM + c * kLanes);
-  for (int c = 0; c < C; ++c) h.acc[c] = acc[c];
+  f32x16 even[C], odd[C] = {};
+  for (int c = 0; c < C; ++c) even[c] = h.acc[c] * alpha;
+  for (int j = 0; j < t.chunks; ++j) {
+    const int n = j + 1 < t.chunks ? kLanes : t.tail;  // slots past the row hold anything
+    const float* value = t.values[j];
+    int s = 0;
+    for (; s + 1 < n; s += 2)
+      for (int c = 0; c < C; ++c) {
+        even[c] += p[j * kLanes + s] * load16(value + s * DIM + c * kLanes);
+        odd[c] += p[j * kLanes + s + 1] * load16(value + (s + 1) * DIM + c * kLanes);
+      }
+    if (s < n)
+      for (int c = 0; c < C; ++c)
+        even[c] += p[j * kLanes + s] * load16(value + s * DIM + c * kLanes);
+  }
+  for (int c = 0; c < C; ++c) h.acc[c] = even[c] + odd[c];
 }
 
-// The vector path: DIM a multiple of 16, pages of 16k slots.
+// The pool slot (page * S + offset) holding token `slot` of `row`.
+inline int64_t slot_of(const Job& job, int64_t row, int64_t slot) {
+  return job.table[row * job.width + slot / job.S] * job.S + slot % job.S;
+}
+
+// The vector path: DIM a multiple of 16, pages of 16k slots. A task is one split of a
+// row: rows are cut into `splits` runs of whole tiles when there are too few rows to
+// keep every thread busy, and the splits' states merged after.
 template <typename scalar_t, int DIM>
 void decode_rows_vector(const Job& job) {
-  constexpr int C = DIM / kLanes;
-  const auto [q, k, v, count, table, lens, out, rows, heads, width, G, D, S, groups, scale] = job;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kbuf(S * DIM), vbuf(S * DIM), bias(S);
+  constexpr int C = DIM / kLanes, T = kTile<DIM>;
+  const int64_t rows = job.rows, heads = job.heads;
+  const int G = job.G;
+  const int64_t threads = at::get_num_threads();
+  int64_t longest = 0;
+  for (int64_t r = 0; r < rows; ++r) longest = std::max(longest, job.lens[r]);
+  // Enough tasks for 4 per thread, but no split shorter than 8 tiles.
+  const int64_t splits = std::clamp<int64_t>(
+      std::min((4 * threads + rows - 1) / rows, (longest + 8 * T - 1) / (8 * T)), 1, 64);
+  // [rows, splits, G, 2 + DIM]: m, l, acc of each split, when there are several.
+  std::vector<float> partial(splits > 1 ? rows * splits * G * (2 + DIM) : 0);
+  at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kbuf(T * DIM), vbuf(T * DIM), bias(T);
     std::vector<Head<DIM>> state(G);
     std::vector<f32x16> qv(G * C);
-    for (int64_t row = begin; row < end; ++row) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / splits, split = task % splits;
       const int64_t b = row / heads, h = row % heads;
-      const float* qr = q + (b * heads * G + h * G) * DIM;
+      const float* qr = job.q + (b * heads * G + h * G) * DIM;
       for (int i = 0; i < G * C; ++i) qv[i] = load16(qr + i * kLanes);
       std::fill(state.begin(), state.end(), Head<DIM>{});
-      const int64_t len = lens[row];
-      for (int64_t first = 0; first < len; first += S) {
-        const int64_t page = table[row * width + first / S];
-        if (first + S < len) {
-          const int64_t next = table[row * width + first / S + 1];
-          prefetch_page(k, next, S, DIM, sizeof(scalar_t));
-          prefetch_page(v, next, S, DIM, sizeof(scalar_t));
+      const int64_t len = job.lens[row], tiles = (len + T - 1) / T;
+      const int64_t per = (tiles + splits - 1) / splits;
+      const int64_t stop = std::min(len, (split + 1) * per * T);
+      for (int64_t first = split * per * T; first < stop; first += T) {
+        const int n = static_cast<int>(std::min<int64_t>(T, stop - first));
+        Tile<DIM> tile;
+        tile.chunks = (n + kLanes - 1) / kLanes;
+        tile.tail = n - (tile.chunks - 1) * kLanes;
+        if (first + T < stop)  // the next tile's pages sit anywhere in the pool
+          for (int64_t s = first + T; s < std::min(stop, first + 2 * T); s += kLanes) {
+            const int64_t slot = slot_of(job, row, s);
+            prefetch_slots(job.k, slot, kLanes, DIM, sizeof(scalar_t));
+            prefetch_slots(job.v, slot, kLanes, DIM, sizeof(scalar_t));
+          }
+        for (int j = 0; j < tile.chunks; ++j) {
+          const int64_t slot = slot_of(job, row, first + j * kLanes);
+          tile.keys[j] = load_slots<scalar_t>(job.k, slot, kLanes, DIM, job.groups,
+                                              kbuf.data() + j * kLanes * DIM);
+          tile.values[j] = load_slots<scalar_t>(job.v, slot, kLanes, DIM, job.groups,
+                                                vbuf.data() + j * kLanes * DIM);
+          if (job.count != nullptr)  // merged slots weigh count * exp(q . k)
+            for (int s = 0; s < kLanes; ++s)
+              bias[j * kLanes + s] = std::log(std::max(job.count[slot + s], 1e-30f));
         }
-        const int n = static_cast<int>(std::min<int64_t>(S, len - first));
-        const float* keys = load_page<scalar_t>(k, page, S, S, DIM, groups, kbuf.data());
-        const float* values = load_page<scalar_t>(v, page, S, S, DIM, groups, vbuf.data());
-        if (count != nullptr)  // merged slots weigh count * exp(q . k)
-          for (int s = 0; s < S; ++s) bias[s] = std::log(std::max(count[page * S + s], 1e-30f));
-        for (int start = 0; start < n; start += kLanes)
-          for (int g = 0; g < G; ++g)
-            attend16<DIM>(state[g], qv.data() + g * C, keys + start * DIM,
-                          values + start * DIM, count ? bias.data() + start : nullptr,
-                          n - start, scale);
+        if (job.count != nullptr) tile.bias = bias.data();
+        for (int g = 0; g < G; ++g) attend_tile<DIM>(state[g], qv.data() + g * C, tile, job.scale);
       }
       for (int g = 0; g < G; ++g) {
-        float* o = out + (b * heads * G + h * G + g) * DIM;
+        if (splits > 1) {
+          float* o = partial.data() + ((row * splits + split) * G + g) * (2 + DIM);
+          o[0] = state[g].m;
+          o[1] = state[g].l;
+          std::memcpy(o + 2, state[g].acc, sizeof(state[g].acc));
+          continue;
+        }
+        float* o = job.out + (b * heads * G + h * G + g) * DIM;
         const f32x16 inv = splat(1.f / state[g].l);  // len 0 gives NaN, as in the torch path
         for (int c = 0; c < C; ++c) {
           const f32x16 x = state[g].acc[c] * inv;
@@ -255,32 +371,62 @@ void decode_rows_vector(const Job& job) {
       }
     }
   });
+  if (splits == 1) return;
+  // Merge: out = sum_i e^(m_i - m) acc_i / sum_i e^(m_i - m) l_i, m = max_i m_i. A split
+  // past its row's end has m = -inf, l = 0 and weighs nothing.
+  at::parallel_for(0, rows * G, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = i / G, g = i % G;
+      const float* part = partial.data() + (row * splits * G + g) * (2 + DIM);
+      const int64_t stride = G * (2 + DIM);
+      float m = -std::numeric_limits<float>::infinity(), l = 0.f;
+      for (int64_t s = 0; s < splits; ++s) m = std::max(m, part[s * stride]);
+      f32x16 acc[C] = {};
+      for (int64_t s = 0; s < splits; ++s) {
+        const float* p = part + s * stride;
+        if (p[1] == 0.f) continue;
+        const float w = exp_nonpositive(p[0] - m);
+        l += w * p[1];
+        for (int c = 0; c < C; ++c) acc[c] += w * load16(p + 2 + c * kLanes);
+      }
+      const int64_t b = row / heads, h = row % heads;
+      float* o = job.out + (b * heads * G + h * G + g) * DIM;
+      const f32x16 inv = splat(1.f / l);
+      for (int c = 0; c < C; ++c) {
+        const f32x16 x = acc[c] * inv;
+        std::memcpy(o + c * kLanes, &x, sizeof(x));
+      }
+    }
+  });
 }
 
 // The scalar path, for any head_dim and page size.
 template <typename scalar_t>
 void decode_rows_scalar(const Job& job) {
-  const auto [q, k, v, count, table, lens, out, rows, heads, width, G, D, S, groups, scale] = job;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads = job.heads, width = job.width;
+  const int G = job.G, D = job.D, S = job.S;
+  const float* q = job.q;
+  const float* count = job.count;
+  at::parallel_for(0, job.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kbuf(S * D), vbuf(S * D), logits(S), acc(G * D), m(G), l(G);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / heads, h = row % heads;
       const float* qr = q + (b * heads * G + h * G) * D;
-      const int64_t len = lens[row];
+      const int64_t len = job.lens[row];
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t first = 0; first < len; first += S) {
-        const int64_t page = table[row * width + first / S];
+        const int64_t page = job.table[row * width + first / S];
         const int n = static_cast<int>(std::min<int64_t>(S, len - first));
-        const float* keys = load_page<scalar_t>(k, page, n, S, D, groups, kbuf.data());
-        const float* values = load_page<scalar_t>(v, page, n, S, D, groups, vbuf.data());
+        const float* keys = load_slots<scalar_t>(job.k, page * S, n, D, job.groups, kbuf.data());
+        const float* values = load_slots<scalar_t>(job.v, page * S, n, D, job.groups, vbuf.data());
         for (int g = 0; g < G; ++g) {
           float top = m[g];
           for (int s = 0; s < n; ++s) {
             float x = 0.f;
             for (int d = 0; d < D; ++d) x += qr[g * D + d] * keys[s * D + d];
-            logits[s] = x * scale;
+            logits[s] = x * job.scale;
             if (count != nullptr) logits[s] += std::log(std::max(count[page * S + s], 1e-30f));
             top = std::max(top, logits[s]);
           }
@@ -297,7 +443,7 @@ void decode_rows_scalar(const Job& job) {
         }
       }
       for (int g = 0; g < G; ++g) {
-        float* o = out + (b * heads * G + h * G + g) * D;
+        float* o = job.out + (b * heads * G + h * G + g) * D;
         const float inv = 1.f / l[g];  // len 0 gives NaN, as in the torch path
         for (int d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
       }
