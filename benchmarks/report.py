@@ -283,11 +283,31 @@ def throughput_section(data: dict, title: str = "Throughput under memory pressur
         lines += ["", f"The ceiling: with memory for every request, plain vLLM is "
                   f"{tps(ample) / tps(plain):.2f}x faster than in the tight space, so that is the "
                   "most compression can gain in this run."]
+    lines += _concurrency_sweep(configs, plain)
     offline = {n: row["offline"] for n, row in configs.items() if "offline" in row}
     if offline:
         lines += ["", "Offline (`--offline`, `LLM.generate` over the same prompts): " + ", ".join(
             f"{n} {r['output_tokens_per_s']:.1f} tok/s" for n, r in offline.items()) + "."]
     lines += ["", f"![{image}](results/{image}.png)"]
+    return lines
+
+
+def _concurrency_sweep(configs: dict, plain: dict | None) -> list[str]:
+    """Output tok/s at every concurrency the run swept (nothing for a run of one level)."""
+    levels = sorted(next(iter(configs.values()))["online"], key=int)
+    if len(levels) < 2:
+        return []
+    lines = ["", "Output tok/s by the number of streaming clients (vs plain vLLM at the same "
+             "number):", "", "| configuration | " + " | ".join(f"{c} clients" for c in levels)
+             + " |", "| --- | " + " | ".join("---:" for _ in levels) + " |"]
+    for name, row in configs.items():
+        cells = []
+        for c in levels:
+            tps = row["online"][c]["output_tokens_per_s"]
+            base = plain["online"][c]["output_tokens_per_s"] if plain else None
+            cells.append(f"{tps:.1f}" + (f" ({tps / base:.2f}x)" if base and row is not plain
+                                         else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 

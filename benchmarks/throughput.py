@@ -203,15 +203,29 @@ def plot(result: dict, path: Path) -> None:
         tps.tick_params(axis="x", rotation=30, labelsize=8)
         title = f"{result['requests']} requests offline"
     else:
-        level = max(rows[0]["online"], key=int)
-        rows = [r["online"][level] for r in rows]
-        fig, (tps, running) = plt.subplots(1, 2, figsize=(10, 4))
+        levels = sorted(rows[0]["online"], key=int)
+        level = levels[-1]
+        swept = [r["online"] for r in rows]
+        rows = [r[level] for r in swept]
+        panels = 3 if len(levels) > 1 else 2
+        fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+        tps, running = axes[0], axes[1]
         tps.bar(names, [r["output_tokens_per_s"] for r in rows], color=colors)
-        tps.set_ylabel("output tokens / s")
+        tps.set_ylabel(f"output tokens / s ({level} clients)")
         running.bar(names, [r["peak_running"] for r in rows], color=colors)
         running.set_ylabel("peak running requests")
         for ax in (tps, running):
             ax.tick_params(axis="x", rotation=30, labelsize=8)
+        if len(levels) > 1:  # the concurrency sweep: a line per configuration
+            sweep = axes[2]
+            for name, runs in zip(names, swept):
+                sweep.plot([int(c) for c in levels],
+                           [runs[c]["output_tokens_per_s"] for c in levels], marker="o",
+                           label=name, linestyle="--" if name.startswith("plain") else "-")
+            sweep.set_xlabel("streaming clients")
+            sweep.set_ylabel("output tokens / s")
+            sweep.set_xticks([int(c) for c in levels])
+            sweep.legend(fontsize=8)
         title = f"{result['requests']} requests, {level} clients"
     fig.suptitle(f"{title}, KV space {result['kv_bytes'] / 1e6:.0f} MB (plain-ample: "
                  f"{result['ample_kv_bytes'] / 1e6:.0f} MB)")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from benchmarks.report import (accuracy_grid_section, fidelity_section,
-                               offline_throughput_section, render)
-from benchmarks.throughput import arguments
+                               offline_throughput_section, render, throughput_section)
+from benchmarks.throughput import arguments, plot
 
 
 def test_modes_choose_online_offline_or_both():
@@ -28,6 +28,31 @@ def test_offline_table_compares_with_plain_and_the_ceiling():
     table = "\n".join(offline_throughput_section(data))
     assert "| pyramidkv@0.25 | 19.0 | 1.90x | 0.95x | 0.190 | 600 |" in table
     assert "`python -m benchmarks.throughput --modes offline`" in table
+
+
+def test_a_concurrency_sweep_gets_a_table_per_level_against_plain(tmp_path):
+    def online(tps):
+        return {"output_tokens_per_s": tps, "requests_per_s": tps / 100, "peak_running": 4,
+                "ttft_p50_s": 1.0, "ttft_p99_s": 2.0, "tpot_p50_s": 0.1, "tpot_p99_s": 0.2}
+
+    def row(*tps):
+        return {"online": {str(c): online(t) for c, t in zip((4, 8, 16), tps)}}
+
+    data = {"command": "python -m benchmarks.throughput --concurrency 4 8 16", "requests": 16,
+            "prompt_tokens": [1000, 4000], "output_tokens": [128, 512],
+            "kv_bytes": 8e8, "ample_kv_bytes": 4e9,
+            "configs": {"plain-ample": row(12.0, 20.0, 30.0), "plain": row(10.0, 12.0, 12.0),
+                        "pyramidkv@0.25": row(11.0, 18.0, 24.0)}}
+    table = "\n".join(throughput_section(data))
+    assert "| pyramidkv@0.25 | 24.0 | 2.00x | 0.80x |" in table  # the main table: 16 clients
+    assert "| 4 clients | 8 clients | 16 clients |" in table
+    assert "| plain | 10.0 | 12.0 | 12.0 |" in table
+    assert "| pyramidkv@0.25 | 11.0 (1.10x) | 18.0 (1.50x) | 24.0 (2.00x) |" in table
+    plot(data, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    one_level = {**data, "configs": {n: {"online": {"16": r["online"]["16"]}}
+                                     for n, r in data["configs"].items()}}
+    assert "clients |" not in "\n".join(throughput_section(one_level))
 
 
 def test_fidelity_tables_name_their_command_and_image():
