@@ -162,3 +162,22 @@ def test_slots_past_the_row_end_never_reach_the_output(fmt_name, head_dim, page_
     out = cpu.paged_decode(*args)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_bad_arguments_fail_with_the_reason():
+    """The launcher's checks are in C++: each names what is wrong."""
+    gen = torch.Generator().manual_seed(3)
+    fmt = page_format("k8v4")
+    table, num_pages = random_table([20, 5], 16, 0, gen)
+    parts = {n: p.cpu() for n, p in random_pool(fmt, num_pages, 16, 64, torch.float32,
+                                                gen).items()}
+    q, lens = torch.randn(1, 6, 64, generator=gen), torch.tensor([20, 5])
+    with pytest.raises(RuntimeError, match="contiguous int32"):
+        cpu.paged_decode(q, parts, fmt, table.cpu().long(), lens, 0.125)
+    with pytest.raises(RuntimeError, match="not a multiple of the batch"):
+        cpu.paged_decode(torch.randn(3, 6, 64), parts, fmt, table.cpu(), lens, 0.125)
+    with pytest.raises(RuntimeError, match=r"lens \[3\] != \(2,\)"):
+        cpu.paged_decode(q, parts, fmt, table.cpu(), torch.tensor([20, 5, 1]), 0.125)
+    with pytest.raises(RuntimeError, match="count: \\[P, S\\] float32"):
+        cpu.paged_decode(q, parts, fmt, table.cpu(), lens, 0.125,
+                         torch.ones(num_pages, 16, dtype=torch.float64))

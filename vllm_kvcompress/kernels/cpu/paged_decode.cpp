@@ -26,7 +26,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -459,24 +461,41 @@ Side side_of(const torch::Tensor& data, const torch::Tensor& scale, const torch:
 
 }  // namespace
 
-// q [B, Hq, D]; k/v: codes or model-dtype pages [P, S, *]; k_scale.. [P, S, groups] float16
-// (unused sides may alias the codes); count [P, S] float32 or empty; table [R, W] int32;
-// lens [R] int64. Returns [B, Hq, D] float32.
+// q [B, Hq, D] in the model dtype; k/v: codes or model-dtype pages [P, S, *]; k_scale..
+// [P, S, groups] float16 (unused sides may alias the codes); count [P, S] float32 or None;
+// table [R, W] int32; lens [R]. Returns [B, Hq, D] in the model dtype. The checks live
+// here rather than in Python, where they cost more than a short row's attention.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale,
                            torch::Tensor k_min, int64_t k_bits, torch::Tensor v,
                            torch::Tensor v_scale, torch::Tensor v_min, int64_t v_bits,
-                           torch::Tensor count, torch::Tensor table, torch::Tensor lens,
-                           double scale, int64_t groups, torch::ScalarType model_dtype) {
+                           std::optional<torch::Tensor> count, torch::Tensor table,
+                           torch::Tensor lens, double scale, int64_t groups) {
+  TORCH_CHECK(q.dim() == 3, "q: [B, Hq, D], got ", q.sizes());
+  const auto model_dtype = q.scalar_type();
   const int64_t batch = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
   const int64_t rows = table.size(0), heads = rows / batch;
+  TORCH_CHECK(rows % batch == 0, "table has ", rows, " rows, not a multiple of the batch ", batch);
+  TORCH_CHECK(num_q_heads % heads == 0, num_q_heads, " query heads do not group onto ", heads);
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == rows, "lens ", lens.sizes(), " != (", rows, ",)");
+  TORCH_CHECK(table.scalar_type() == torch::kInt && table.is_contiguous(),
+              "table: contiguous int32");
+  for (const auto* x : {&k, &k_scale, &k_min, &v, &v_scale, &v_min})
+    TORCH_CHECK(x->is_contiguous() && x->dim() >= 2 && x->size(1) == k.size(1),
+                "components: contiguous [P, S, *]");
+  for (const auto& [side, bits] : {std::pair{&k, k_bits}, std::pair{&v, v_bits}})
+    TORCH_CHECK(bits != 0 || side->scalar_type() == model_dtype, "unquantized pages are ",
+                side->scalar_type(), ", q is ", model_dtype);
+  TORCH_CHECK(!count || (count->scalar_type() == torch::kFloat && count->is_contiguous()),
+              "count: [P, S] float32");
+  const auto qf = q.to(torch::kFloat32).contiguous();  // no copy when it already is
+  const auto lens64 = lens.to(torch::kInt64).contiguous();
   const int G = static_cast<int>(num_q_heads / heads), S = static_cast<int>(k.size(1));
   auto out = torch::empty({batch, num_q_heads, head_dim}, q.options().dtype(torch::kFloat32));
   const Side ks = side_of(k, k_scale, k_min, k_bits), vs = side_of(v, v_scale, v_min, v_bits);
-  const float* counts = count.numel() ? count.data_ptr<float>() : nullptr;
-  const Job job{q.data_ptr<float>(), ks, vs, counts, table.data_ptr<int32_t>(),
-                lens.data_ptr<int64_t>(), out.data_ptr<float>(), rows, heads, table.size(1),
-                G, static_cast<int>(head_dim), S, static_cast<int>(groups),
-                static_cast<float>(scale)};
+  const Job job{qf.data_ptr<float>(), ks, vs, count ? count->data_ptr<float>() : nullptr,
+                table.data_ptr<int32_t>(), lens64.data_ptr<int64_t>(), out.data_ptr<float>(),
+                rows, heads, table.size(1), G, static_cast<int>(head_dim), S,
+                static_cast<int>(groups), static_cast<float>(scale)};
   const bool vector = S % kLanes == 0 && (head_dim == 64 || head_dim == 128);
   auto run = [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -490,7 +509,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
     case torch::kHalf: run(std::type_identity<at::Half>{}); break;
     default: TORCH_CHECK(false, "paged_decode: model dtype ", model_dtype, " not supported");
   }
-  return out;
+  return model_dtype == torch::kFloat32 ? out : out.to(model_dtype);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
