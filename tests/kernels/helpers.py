@@ -51,3 +51,15 @@ def random_table(lens: list[int], page_size: int, spare: int, gen: torch.Generat
     num_pages = len(lens) * width + 3
     table = torch.randperm(num_pages, generator=gen)[: len(lens) * width]
     return table.view(len(lens), width).to(torch.int32).to(DEVICE), num_pages
+
+
+def poison_past_ends(parts: dict[str, torch.Tensor], table: torch.Tensor, lens: list[int],
+                     page_size: int) -> None:
+    """Fill the slots past each row's end in its last page with NaN (255 in codes): what a
+    page fresh from the pool may hold, and what a kernel must never let into its output."""
+    for row, n in enumerate(lens):
+        used = n % page_size
+        if used:
+            page = int(table[row, n // page_size])
+            for part in parts.values():
+                part[page, used:] = float("nan") if part.is_floating_point() else 255

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.kernels.helpers import PRECISIONS, TOLERANCE, random_pool, random_table
+from tests.kernels.helpers import (PRECISIONS, TOLERANCE, poison_past_ends, random_pool,
+                                   random_table)
 from vllm_kvcompress.kernels import cpu
 from vllm_kvcompress.kernels.paged_attention import decode_attention, paged_decode_reference
 from vllm_kvcompress.paging.formats import page_format
@@ -154,11 +155,7 @@ def test_slots_past_the_row_end_never_reach_the_output(fmt_name, head_dim, page_
     q = torch.randn(2, 2 * 3, head_dim, generator=gen)
     args = (q, parts, fmt, table, torch.tensor(lens), head_dim ** -0.5)
     ref = cpu.paged_decode(*args)
-    for row, n in enumerate(lens):
-        page, used = table[row, n // page_size], n % page_size
-        if used:
-            for name, part in parts.items():
-                part[page, used:] = float("nan") if part.is_floating_point() else 255
+    poison_past_ends(parts, table, lens, page_size)
     out = cpu.paged_decode(*args)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=0, rtol=0)

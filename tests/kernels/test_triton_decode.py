@@ -21,6 +21,7 @@ from tests.kernels.helpers import (
     TOLERANCE,
     gpu_sweep,
     needs_triton,
+    poison_past_ends,
     random_pool,
     random_table,
 )
@@ -162,3 +163,21 @@ def test_page_offsets_past_int32_gpu():
     out = kernels.paged_decode(q, parts, fmt, table, lens, head_dim ** -0.5)
     ref = kernels.paged_decode_reference(q, parts, fmt, table, lens, head_dim ** -0.5)
     assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt_name", ["none", "k8v4", "k4v4"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_slots_past_the_row_end_never_reach_the_output(fmt_name, num_splits):
+    """A partly filled last page whose other slots hold NaN gives the same output."""
+    gen = torch.Generator().manual_seed(7)
+    fmt, page_size, head_dim = page_format(fmt_name), 16, 64
+    lens = [page_size + 3, 5, 1, 2 * page_size - 1]
+    table, num_pages = random_table(lens, page_size, 0, gen)
+    parts = random_pool(fmt, num_pages, page_size, head_dim, torch.float32, gen)
+    q = torch.randn(2, 2 * 3, head_dim, generator=gen).to(DEVICE)
+    args = (q, parts, fmt, table, torch.tensor(lens, device=DEVICE), head_dim ** -0.5)
+    ref = kernels.paged_decode(*args, num_splits=num_splits)
+    poison_past_ends(parts, table, lens, page_size)
+    out = kernels.paged_decode(*args, num_splits=num_splits)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
