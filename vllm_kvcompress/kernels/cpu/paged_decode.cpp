@@ -314,8 +314,9 @@ void decode_rows_vector(const Job& job) {
   const int64_t threads = at::get_num_threads();
   int64_t longest = 0;
   for (int64_t r = 0; r < rows; ++r) longest = std::max(longest, job.lens[r]);
-  // Enough tasks for 4 per thread, but no split shorter than 8 tiles.
-  const int64_t splits = std::clamp<int64_t>(
+  // Enough tasks for 4 per thread, but no split shorter than 8 tiles; one thread (a
+  // serving worker) has nothing to balance.
+  const int64_t splits = threads == 1 ? 1 : std::clamp<int64_t>(
       std::min((4 * threads + rows - 1) / rows, (longest + 8 * T - 1) / (8 * T)), 1, 64);
   // [rows, splits, G, 2 + DIM]: m, l, acc of each split, when there are several.
   std::vector<float> partial(splits > 1 ? rows * splits * G * (2 + DIM) : 0);
