@@ -3,6 +3,7 @@
     python -m benchmarks.accuracy [--policies snapkv pyramidkv ...] [--budgets 0.25 0.1] \\
         [--context 2000 | --contexts 1000 2000 4000] [--tasks passkey multikey] \\
         [--samples 8] [--resume]
+    python -m benchmarks.accuracy --out results/accuracy_grid.json --merge OTHER.json
 
 Tasks are generated deterministically (``benchmarks.tasks``), each at
 ``--samples`` depths spread over the context. By default the two the published
@@ -31,6 +32,9 @@ the requested contexts (either layout), and measures only the rest. Writes
 results/accuracy.json and results/accuracy.png (accuracy against budget, one
 line a policy, one panel a context); ``--out`` elsewhere (the README's grid is
 results/accuracy_grid.json, beside the two-task table kvpress is compared with).
+Runs that measure no time can go side by side, one on each core
+(``VLLM_CPU_OMP_THREADS_BIND=1`` for the second), each to its own ``--out``;
+``--merge`` then folds the others into one file and measures nothing.
 """
 
 from __future__ import annotations
@@ -201,6 +205,42 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
     return result
 
 
+def merge(out: Path, others: list[Path]) -> dict:
+    """Fold into ``out`` what runs beside it wrote to files of their own (another core).
+
+    Same tasks, samples per task and contexts as ``out``; a configuration (or a
+    context of one) ``out`` already holds stays as it is. The merged file lists
+    the other runs' commands in ``resumed_from``, and ``merged_from`` their files.
+    """
+    result = json.loads(out.read_text())
+    one = isinstance(result["context_tokens"], int)
+    contexts = [result["context_tokens"]] if one else result["context_tokens"]
+    tasks, samples = result["tasks"], result["samples_per_task"]
+    measured = earlier_measures(result, tasks, samples, contexts)
+    commands = [*result.get("resumed_from", []), result["command"]]
+    budgets = set(result["budgets"])
+    for path in others:
+        other = json.loads(path.read_text())
+        found = earlier_measures(other, tasks, samples, contexts)
+        if not found:
+            raise SystemExit(f"{path}: not the tasks and samples per task of {out}")
+        for name, m in found.items():
+            entry = measured.setdefault(name, {"flags": m["flags"], "contexts": {}})
+            for ctx, part in m["contexts"].items():
+                entry["contexts"].setdefault(ctx, part)
+        commands += [c for c in (*other.get("resumed_from", []), other["command"])
+                     if c not in commands]
+        budgets |= set(other["budgets"])
+    result.update(configs=combine(measured, contexts, tasks), budgets=sorted(budgets, reverse=True),
+                  resumed_from=[c for c in commands if c != result["command"]],
+                  merged_from=[*result.get("merged_from", []), *map(str, others)])
+    result.pop("incomplete", None)
+    if left := incomplete(measured, contexts):
+        result["incomplete"] = left
+    save(result, out, plot)
+    return result
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -259,11 +299,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip what --out already holds (same tasks and samples, per context)")
     parser.add_argument("--kv-bytes", type=int, default=1_000_000_000)
     parser.add_argument("--out", type=Path, default=Path("results/accuracy.json"))
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                        help="measure nothing: fold these runs' results (same tasks and samples, "
+                             "e.g. run side by side on another core) into --out")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    result = run(args.policies, args.budgets, args.tasks, args.contexts or [args.context],
-                 args.samples, args.kv_bytes, args.out, args.resume,
-                 shlex.join(["python", "-m", "benchmarks.accuracy", *argv]))
+    if args.merge:
+        result = merge(args.out, args.merge)
+    else:
+        result = run(args.policies, args.budgets, args.tasks, args.contexts or [args.context],
+                     args.samples, args.kv_bytes, args.out, args.resume,
+                     shlex.join(["python", "-m", "benchmarks.accuracy", *argv]))
     for name, r in result["configs"].items():
         rel = "" if r["relative"] is None else f"  {100 * r['relative']:5.1f}% of full"
         print(f"{name:18} {r['correct']:3}/{r['total']}  {r['per_task']}{rel}")

@@ -305,3 +305,42 @@ def test_the_grid_report_shows_the_full_cache_per_task_and_the_targets():
     assert ("at budget 0.25, >= 95% of the full cache: met by snapkv; missed by h2o (50%)"
             in table)
     assert "at budget 0.1, >= 85% of the full cache: met by none; missed by snapkv (83%)" in table
+
+
+def test_runs_side_by_side_merge_into_one_file(tmp_path):
+    from benchmarks.accuracy import combine, incomplete, main
+
+    tasks, contexts = ["passkey", "qa"], [1000, 4000]
+
+    def saved(path, command, budgets, measured):
+        path.write_text(json.dumps({
+            "command": command, "machine": "m", "context_tokens": contexts, "tasks": tasks,
+            "budgets": budgets, "samples_per_task": 2,
+            "configs": combine(measured, contexts, tasks),
+            "incomplete": incomplete(measured, contexts)}))
+
+    full = {"flags": [], "contexts": {1000: _fake_measure(2, tasks, 4),
+                                      4000: _fake_measure(2, tasks, 2)}}
+    h2o = {"flags": ["--kv-policy", "h2o"], "contexts": {1000: _fake_measure(2, tasks, 1),
+                                                         4000: _fake_measure(2, tasks, 1)}}
+    snap_1k = {"flags": ["--kv-policy", "snapkv"], "contexts": {1000: _fake_measure(2, tasks, 3)}}
+    mine, other = tmp_path / "grid.json", tmp_path / "grid_b.json"
+    saved(mine, "python -m benchmarks.accuracy --policies snapkv", [0.25],
+          {"full": full, "snapkv@0.25": snap_1k})
+    saved(other, "python -m benchmarks.accuracy --policies h2o --out grid_b.json", [0.1],
+          {"full": full, "h2o@0.1": h2o})
+    result = main(["--out", str(mine), "--merge", str(other)])
+    assert set(result["configs"]) == {"full", "h2o@0.1"}
+    assert result["configs"]["h2o@0.1"]["correct"] == 2 and result["configs"]["h2o@0.1"][
+        "relative"] == 2 / 6
+    assert set(result["incomplete"]) == {"snapkv@0.25"}  # still waits for its 4K prompts
+    assert result["budgets"] == [0.25, 0.1]
+    assert result["command"] == "python -m benchmarks.accuracy --policies snapkv"
+    assert result["resumed_from"] == [
+        "python -m benchmarks.accuracy --policies h2o --out grid_b.json"]
+    assert result["merged_from"] == [str(other)]
+    assert json.loads(mine.read_text())["configs"] == result["configs"]
+    (tmp_path / "other_samples.json").write_text(json.dumps({**json.loads(other.read_text()),
+                                                         "samples_per_task": 3}))
+    with pytest.raises(SystemExit, match="not the tasks and samples per task"):
+        main(["--out", str(mine), "--merge", str(tmp_path / "other_samples.json")])
