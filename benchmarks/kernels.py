@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -262,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
     parser.add_argument("--cpu", action="store_true", help="the CPU path even with a GPU")
     parser.add_argument("--out", type=Path, default=Path("results/kernels.json"))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    result = run(args)
+    result = {"command": shlex.join(["python", "-m", "benchmarks.kernels", *argv]), **run(args)}
     save(result, args.out, plot)
     return result
 

@@ -232,7 +232,8 @@ def kernels_section(data: dict) -> list[str]:
     lines = [
         "### Decode step of one layer",
         "",
-        f"`python -m benchmarks.kernels` on {data['device']} ({data['threads']} threads, "
+        f"`{data.get('command', 'python -m benchmarks.kernels')}` on {data['device']} "
+        f"({data['threads']} threads, "
         f"{data['dtype']}, {data['kv_heads']} KV heads x {data['group']} query heads, head_dim "
         f"{data['head_dim']}, pages of {data['page_size']}); ms per step",
         "",
