@@ -31,7 +31,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -79,11 +79,17 @@ inline f32x16 load16(const float* p) {
 inline f32x16 splat(float x) { return f32x16{} + x; }
 
 // 16 bytes widened to int32 lanes. GCC 12 scalarizes __builtin_convertvector from
-// uint8 lanes, so AVX-512 gets the widening instruction by name.
+// uint8 lanes, so x86 gets the widening instructions by name.
 inline i32x16 widen16(const uint8_t* p) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<i32x16>(
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<i32x16>(_mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i halves[2] = {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))};
+  i32x16 x;
+  std::memcpy(&x, halves, sizeof(x));
+  return x;
 #else
   i32x16 x;
   for (int i = 0; i < kLanes; ++i) x[i] = p[i];
