@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.report import (accuracy_grid_section, fidelity_section,
+from benchmarks.report import (accuracy_grid_section, fidelity_section, kernels_section,
                                offline_throughput_section, render, throughput_section)
 from benchmarks.throughput import arguments, plot
 
@@ -100,3 +100,18 @@ def test_an_unfinished_accuracy_grid_says_what_it_has():
             "tasks": ["passkey"], "samples_per_task": 4, "configs": {},
             "incomplete": {"full": {"flags": [], "contexts": {}}}}
     assert "not finished; measured so far: full." in "\n".join(accuracy_grid_section(data))
+
+
+def test_kernel_table_sums_up_against_vllms_op():
+    def ms(x):
+        return {"ms": x, "bytes": 1, "gbps": 1.0}
+
+    data = {"command": "python -m benchmarks.kernels --batches 1", "device": "cpu", "threads": 2,
+            "dtype": "float32", "kv_heads": 3, "group": 3, "head_dim": 64, "page_size": 16,
+            "rows": [{"context": 1024, "batch": 1, "vllm-cpu": ms(0.1), "cpu-paged-k8v4": ms(0.2)},
+                     {"context": 4096, "batch": 1, "vllm-cpu": ms(0.4), "cpu-paged-k8v4": ms(0.2)}]}
+    table = "\n".join(kernels_section(data))
+    assert table.startswith("### Decode step of one layer")
+    assert "`python -m benchmarks.kernels --batches 1` on cpu" in table
+    assert "| 4096 | 1 | 0.40 | 0.20 |" in table
+    assert "k8v4 0.50-2.00x (no slower at 1 of 2 shapes)" in table
