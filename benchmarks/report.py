@@ -127,6 +127,8 @@ def accuracy_grid_section(data: dict) -> list[str]:
         "",
         f"`{data.get('command', 'python -m benchmarks.accuracy')}`"
         + "".join(f", keeping what `{c}` measured" for c in data.get("resumed_from", []))
+        + "".join(f" (`{f}`, run beside it on the other core and folded in with `--merge`)"
+                  for f in data.get("merged_from", []))
         + _on(data) + f" ({len(tasks)} tasks, {per} "
         f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
         "same run; a sample scores the share of its answers found, RULER's string match). "
