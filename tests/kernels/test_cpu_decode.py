@@ -129,7 +129,7 @@ def test_reads_the_store_after_eviction(fmt_name):
 @pytest.mark.parametrize("fmt_name,head_dim", [("none", 64), ("k8v4", 128), ("k4v4", 64)])
 def test_few_long_rows_split_and_merge(fmt_name, head_dim, threads):
     """Too few rows for 2 or 3 threads: rows are cut into splits (some past a short row's
-    end, which weigh nothing) and merged; the result is one thread's, unsplit."""
+    end, which weigh nothing) and merged; at every thread count the reference's result."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
