@@ -169,6 +169,10 @@ def test_bad_arguments_fail_with_the_reason():
     parts = {n: p.cpu() for n, p in random_pool(fmt, num_pages, 16, 64, torch.float32,
                                                 gen).items()}
     q, lens = torch.randn(1, 6, 64, generator=gen), torch.tensor([20, 5])
+    with pytest.raises(RuntimeError, match="needs at least one of each"):  # not a crash
+        cpu.paged_decode(q[:0], parts, fmt, table.cpu(), lens, 0.125)
+    with pytest.raises(RuntimeError, match="needs at least one of each"):
+        cpu.paged_decode(q, parts, fmt, table.cpu()[:0], lens[:0], 0.125)
     with pytest.raises(RuntimeError, match="contiguous int32"):
         cpu.paged_decode(q, parts, fmt, table.cpu().long(), lens, 0.125)
     with pytest.raises(RuntimeError, match="not a multiple of the batch"):

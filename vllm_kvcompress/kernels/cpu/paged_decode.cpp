@@ -480,8 +480,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
   TORCH_CHECK(q.dim() == 3, "q: [B, Hq, D], got ", q.sizes());
   const auto model_dtype = q.scalar_type();
   const int64_t batch = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
-  const int64_t rows = table.size(0), heads = rows / batch;
+  const int64_t rows = table.size(0);
+  TORCH_CHECK(batch > 0 && rows > 0, "paged_decode: ", batch, " requests over ", rows,
+              " rows; it needs at least one of each");
   TORCH_CHECK(rows % batch == 0, "table has ", rows, " rows, not a multiple of the batch ", batch);
+  const int64_t heads = rows / batch;
   TORCH_CHECK(num_q_heads % heads == 0, num_q_heads, " query heads do not group onto ", heads);
   TORCH_CHECK(lens.dim() == 1 && lens.size(0) == rows, "lens ", lens.sizes(), " != (", rows, ",)");
   TORCH_CHECK(table.scalar_type() == torch::kInt && table.is_contiguous(),
