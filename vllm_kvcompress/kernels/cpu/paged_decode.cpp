@@ -309,6 +309,19 @@ inline int64_t slot_of(const Job& job, int64_t row, int64_t slot) {
   return job.table[row * job.width + slot / job.S] * job.S + slot % job.S;
 }
 
+// out[b, h * G + g] = acc / l for query head g of row b * H + h; l = 0 (a row of no
+// tokens) gives NaN, as in the torch path.
+template <int DIM>
+inline void write_out(const Job& job, int64_t row, int g, const f32x16* acc, float l) {
+  const int64_t b = row / job.heads, h = row % job.heads;
+  float* o = job.out + (b * job.heads * job.G + h * job.G + g) * DIM;
+  const f32x16 inv = splat(1.f / l);
+  for (int c = 0; c < DIM / kLanes; ++c) {
+    const f32x16 x = acc[c] * inv;
+    std::memcpy(o + c * kLanes, &x, sizeof(x));
+  }
+}
+
 // The vector path: DIM a multiple of 16, pages of 16k slots. A task is one split of a
 // row: rows are cut into `splits` runs of whole tiles when there are too few rows to
 // keep every thread busy, and the splits' states merged after.
@@ -371,12 +384,7 @@ void decode_rows_vector(const Job& job) {
           std::memcpy(o + 2, state[g].acc, sizeof(state[g].acc));
           continue;
         }
-        float* o = job.out + (b * heads * G + h * G + g) * DIM;
-        const f32x16 inv = splat(1.f / state[g].l);  // len 0 gives NaN, as in the torch path
-        for (int c = 0; c < C; ++c) {
-          const f32x16 x = state[g].acc[c] * inv;
-          std::memcpy(o + c * kLanes, &x, sizeof(x));
-        }
+        write_out<DIM>(job, row, g, state[g].acc, state[g].l);
       }
     }
   });
@@ -398,13 +406,7 @@ void decode_rows_vector(const Job& job) {
         l += w * p[1];
         for (int c = 0; c < C; ++c) acc[c] += w * load16(p + 2 + c * kLanes);
       }
-      const int64_t b = row / heads, h = row % heads;
-      float* o = job.out + (b * heads * G + h * G + g) * DIM;
-      const f32x16 inv = splat(1.f / l);
-      for (int c = 0; c < C; ++c) {
-        const f32x16 x = acc[c] * inv;
-        std::memcpy(o + c * kLanes, &x, sizeof(x));
-      }
+      write_out<DIM>(job, row, g, acc, l);
     }
   });
 }
