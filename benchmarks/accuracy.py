@@ -181,8 +181,7 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
         if measured:
             result["budgets"] = sorted(set(budgets) | set(earlier["budgets"]), reverse=True)
             # The runs whose measurements this file keeps, so its table names every command.
-            result["resumed_from"] = [*earlier.get("resumed_from", []),
-                                      *([earlier["command"]] if "command" in earlier else [])]
+            result["resumed_from"] = commands_of(earlier)
         dropped = [n for n, m in measured.items()
                    if n not in configs and len(m["contexts"]) < len(contexts)]
         if dropped:
@@ -205,6 +204,11 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
     return result
 
 
+def commands_of(result: dict) -> list[str]:
+    """The commands whose measurements a results file holds: those it resumed from, then its own."""
+    return [*result.get("resumed_from", []), *([result["command"]] if "command" in result else [])]
+
+
 def merge(out: Path, others: list[Path]) -> dict:
     """Fold into ``out`` what runs beside it wrote to files of their own (another core).
 
@@ -217,7 +221,7 @@ def merge(out: Path, others: list[Path]) -> dict:
     contexts = [result["context_tokens"]] if one else result["context_tokens"]
     tasks, samples = result["tasks"], result["samples_per_task"]
     measured = earlier_measures(result, tasks, samples, contexts)
-    commands = [*result.get("resumed_from", []), result["command"]]
+    commands = commands_of(result)
     budgets = set(result["budgets"])
     for path in others:
         other = json.loads(path.read_text())
@@ -228,8 +232,7 @@ def merge(out: Path, others: list[Path]) -> dict:
             entry = measured.setdefault(name, {"flags": m["flags"], "contexts": {}})
             for ctx, part in m["contexts"].items():
                 entry["contexts"].setdefault(ctx, part)
-        commands += [c for c in (*other.get("resumed_from", []), other["command"])
-                     if c not in commands]
+        commands += [c for c in commands_of(other) if c not in commands]
         budgets |= set(other["budgets"])
     result.update(configs=combine(measured, contexts, tasks), budgets=sorted(budgets, reverse=True),
                   resumed_from=[c for c in commands if c != result["command"]],
