@@ -20,11 +20,16 @@ class PyramidKV(SnapKV):
     top layers focus on a few tokens, so the bottom layers get more room.
     ``beta`` sets the slope: the top layer keeps ``1 / beta`` of the average
     above the window (larger is steeper).
+
+    The paper's beta of 20 was set on 7B models. On the default model
+    (SmolLM2-135M) the deep layers still retrieve, and starving them cost
+    accuracy: on held-out RULER-style prompts at budget 0.25, beta 20 kept 80%
+    of the full cache's score, 5 kept 90% and 2 kept 106% (README, Status).
     """
 
     name: ClassVar[str] = "pyramidkv"
 
-    beta: float = 20.0
+    beta: float = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
