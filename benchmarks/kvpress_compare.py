@@ -50,18 +50,20 @@ from tqdm import tqdm
 from benchmarks.results import save
 from benchmarks.tasks import DEFAULT_TASKS, TASKS, score
 
+from vllm_kvcompress.policies.pyramidkv import PyramidKV
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-kvpress"
 KVPRESS = "kvpress==0.5.5"
 TRANSFORMERS = "transformers<5.3"
 
 # Our defaults (vllm_kvcompress.policies): window 32, sinks 4; SnapKV pools max over 15 tokens;
-# ChunkKV 10-token chunks, no pooling; PyramidKV beta 20; Ada-KV floor 0.2. kvpress's SnapKV
+# ChunkKV 10-token chunks, no pooling; PyramidKV's beta; Ada-KV floor 0.2. kvpress's SnapKV
 # pools by average (no max pooling) and has no sinks; its window is the context's last tokens.
 SNAPKV = {"window_size": 32, "kernel_size": 15}
 PRESSES = {
     "snapkv": {"class": "SnapKVPress", "kwargs": dict(SNAPKV)},
-    "pyramidkv": {"class": "PyramidKVPress", "kwargs": {**SNAPKV, "beta": 20}},
+    "pyramidkv": {"class": "PyramidKVPress", "kwargs": {**SNAPKV, "beta": PyramidKV.beta}},
     "adakv": {"class": "AdaKVPress", "kwargs": {"alpha_safeguard": 0.2},
               "inner": {"class": "SnapKVPress", "kwargs": dict(SNAPKV)}},
     "chunkkv": {"class": "ChunkKVPress", "kwargs": {"chunk_length": 10},
