@@ -214,6 +214,33 @@ def kvpress_section(data: dict) -> list[str]:
     return lines
 
 
+def tuning_section(data: dict) -> list[str]:
+    configs, contexts = data["configs"], data["context_tokens"]
+    full = configs.get("full")
+    lines = [
+        f"### Choosing {data['policy']}'s {data['arg']} (held-out prompts)",
+        "",
+        f"`{data['command']}`{_on(data)} ({', '.join(data['tasks'])}; "
+        f"{data['samples_per_task']} prompts each at ~{', '.join(map(str, contexts))} tokens, "
+        f"drawn with other seeds and at other depths than the grid's; budget {data['budget']:g}"
+        + (f"; plain vLLM's full cache in the same run: {_n(full['correct'])}/{full['total']}"
+           if full else "") + ").",
+        "",
+        f"| {data['arg']} | score | of the full cache | "
+        + " / ".join(map(str, contexts)) + " tokens |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, r in configs.items():
+        if name == "full":
+            continue
+        rel = "" if r.get("relative") is None else f"{100 * r['relative']:.0f}%"
+        split = " / ".join(_n(r["per_context"][str(c)]) for c in contexts)
+        lines.append(f"| {name.partition('=')[2]} | {_n(r['correct'])}/{r['total']} | {rel} | "
+                     f"{split} |")
+    lines += ["", f"![tuning](results/tuning_{data['policy']}_{data['arg']}.png)"]
+    return lines
+
+
 def scoring_section(data: dict) -> list[str]:
     lines = [
         "### Selection time (ChunkKV's layer-wise index reuse)",
@@ -365,6 +392,7 @@ SECTIONS = {"throughput": throughput_section, "throughput_decode": decode_throug
             "memory": memory_section,
             "fidelity": fidelity_section, "fidelity_policies": policies_fidelity_section,
             "accuracy": accuracy_section, "accuracy_grid": accuracy_grid_section,
+            "tuning_pyramidkv_beta": tuning_section,
             "kvpress": kvpress_section, "scoring": scoring_section, "kernels": kernels_section}
 # The benchmark behind each results file, where its name is not the file's.
 COMMANDS = {"throughput_decode": "python -m benchmarks.throughput --prompt-tokens 1000 2000 "
@@ -374,7 +402,9 @@ COMMANDS = {"throughput_decode": "python -m benchmarks.throughput --prompt-token
             "fidelity_policies": "python -m benchmarks.fidelity --configs plain snapkv@0.25 ... "
                                  "--out results/fidelity_policies.json",
             "accuracy_grid": "python -m benchmarks.accuracy --contexts 1000 2000 4000 --tasks ... "
-                             "--out results/accuracy_grid.json"}
+                             "--out results/accuracy_grid.json",
+            "tuning_pyramidkv_beta": "python -m benchmarks.tuning --policy pyramidkv --arg beta "
+                                     "--values 20 5 2"}
 
 
 def render() -> str:
