@@ -173,6 +173,8 @@ def test_bad_arguments_fail_with_the_reason():
         cpu.paged_decode(q[:0], parts, fmt, table.cpu(), lens, 0.125)
     with pytest.raises(RuntimeError, match="needs at least one of each"):
         cpu.paged_decode(q, parts, fmt, table.cpu()[:0], lens[:0], 0.125)
+    with pytest.raises(RuntimeError, match=r"table: \[rows, pages\], got \[\d+\]"):
+        cpu.paged_decode(q, parts, fmt, table.cpu().flatten(), lens, 0.125)
     with pytest.raises(RuntimeError, match="contiguous int32"):
         cpu.paged_decode(q, parts, fmt, table.cpu().long(), lens, 0.125)
     with pytest.raises(RuntimeError, match="not a multiple of the batch"):

@@ -482,6 +482,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
   TORCH_CHECK(q.dim() == 3, "q: [B, Hq, D], got ", q.sizes());
   const auto model_dtype = q.scalar_type();
   const int64_t batch = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK(table.dim() == 2, "table: [rows, pages], got ", table.sizes());
   const int64_t rows = table.size(0);
   TORCH_CHECK(batch > 0 && rows > 0, "paged_decode: ", batch, " requests over ", rows,
               " rows; it needs at least one of each");
