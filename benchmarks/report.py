@@ -231,12 +231,10 @@ def tuning_section(data: dict) -> list[str]:
         "| --- | ---: | ---: | ---: |",
     ]
     for name, r in configs.items():
-        if name == "full":
-            continue
         rel = "" if r.get("relative") is None else f"{100 * r['relative']:.0f}%"
         split = " / ".join(_n(r["per_context"][str(c)]) for c in contexts)
-        lines.append(f"| {name.partition('=')[2]} | {_n(r['correct'])}/{r['total']} | {rel} | "
-                     f"{split} |")
+        label = "full cache" if name == "full" else name.partition("=")[2]
+        lines.append(f"| {label} | {_n(r['correct'])}/{r['total']} | {rel} | {split} |")
     lines += ["", f"![tuning](results/tuning_{data['policy']}_{data['arg']}.png)"]
     return lines
 

@@ -61,6 +61,7 @@ def test_the_readme_table_gives_each_value_against_the_full_cache(tmp_path):
                         "beta=2": row(10.5, (6, 4.5))}}
     table = "\n".join(tuning_section(data))
     assert "plain vLLM's full cache in the same run: 10/36" in table
+    assert "| full cache | 10/36 | 100% | 6 / 4 |" in table
     assert "| 20 | 8/36 | 80% | 3 / 5 |" in table
     assert "| 2 | 10.5/36 | 105% | 6 / 4.5 |" in table
     plot(data, tmp_path / "tuning.png")
