@@ -21,10 +21,10 @@ class PyramidKV(SnapKV):
     ``beta`` sets the slope: the top layer keeps ``1 / beta`` of the average
     above the window (larger is steeper).
 
-    The paper's beta of 20 was set on 7B models. On the default model
-    (SmolLM2-135M) the deep layers still retrieve, and starving them cost
-    accuracy: on held-out RULER-style prompts at budget 0.25, beta 20 kept 80%
-    of the full cache's score, 5 kept 90% and 2 kept 106% (README, Status).
+    The reference's beta of 20 comes from 7B-8B models. On the default model
+    (SmolLM2-135M) so steep a pyramid starves the deep layers: on held-out
+    RULER-style prompts at budget 0.25, beta 20 kept 80% of the full cache's
+    score, 5 kept 90% and 2 kept 106% (``benchmarks.tuning``, README).
     """
 
     name: ClassVar[str] = "pyramidkv"
