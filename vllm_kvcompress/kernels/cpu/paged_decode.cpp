@@ -53,7 +53,9 @@ struct Job {
   const int32_t* table; // [R, width]
   const int64_t* lens;  // [R]
   float* out;           // [B, H * G, D]
-  int64_t rows, heads, width;
+  // Row b * H + h serves query heads h * G .. h * G + G - 1 of request b, so its
+  // queries and outputs start at (row * G) * D: no need to split row into b and h.
+  int64_t rows, width;
   int G, D, S, groups;
   float scale;
 };
@@ -313,8 +315,7 @@ inline int64_t slot_of(const Job& job, int64_t row, int64_t slot) {
 // tokens) gives NaN, as in the torch path.
 template <int DIM>
 inline void write_out(const Job& job, int64_t row, int g, const f32x16* acc, float l) {
-  const int64_t b = row / job.heads, h = row % job.heads;
-  float* o = job.out + (b * job.heads * job.G + h * job.G + g) * DIM;
+  float* o = job.out + (row * job.G + g) * DIM;
   const f32x16 inv = splat(1.f / l);
   for (int c = 0; c < DIM / kLanes; ++c) {
     const f32x16 x = acc[c] * inv;
@@ -328,7 +329,7 @@ inline void write_out(const Job& job, int64_t row, int g, const f32x16* acc, flo
 template <typename scalar_t, int DIM>
 void decode_rows_vector(const Job& job) {
   constexpr int C = DIM / kLanes, T = kTile<DIM>;
-  const int64_t rows = job.rows, heads = job.heads;
+  const int64_t rows = job.rows;
   const int G = job.G;
   const int64_t threads = at::get_num_threads();
   int64_t longest = 0;
@@ -345,8 +346,7 @@ void decode_rows_vector(const Job& job) {
     std::vector<f32x16> qv(G * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / splits, split = task % splits;
-      const int64_t b = row / heads, h = row % heads;
-      const float* qr = job.q + (b * heads * G + h * G) * DIM;
+      const float* qr = job.q + row * G * DIM;
       for (int i = 0; i < G * C; ++i) qv[i] = load16(qr + i * kLanes);
       std::fill(state.begin(), state.end(), Head<DIM>{});
       const int64_t len = job.lens[row], tiles = (len + T - 1) / T;
@@ -414,15 +414,14 @@ void decode_rows_vector(const Job& job) {
 // The scalar path, for any head_dim and page size.
 template <typename scalar_t>
 void decode_rows_scalar(const Job& job) {
-  const int64_t heads = job.heads, width = job.width;
+  const int64_t width = job.width;
   const int G = job.G, D = job.D, S = job.S;
   const float* q = job.q;
   const float* count = job.count;
   at::parallel_for(0, job.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kbuf(S * D), vbuf(S * D), logits(S), acc(G * D), m(G), l(G);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / heads, h = row % heads;
-      const float* qr = q + (b * heads * G + h * G) * D;
+      const float* qr = q + row * G * D;
       const int64_t len = job.lens[row];
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
@@ -454,7 +453,7 @@ void decode_rows_scalar(const Job& job) {
         }
       }
       for (int g = 0; g < G; ++g) {
-        float* o = job.out + (b * heads * G + h * G + g) * D;
+        float* o = job.out + (row * G + g) * D;
         const float inv = 1.f / l[g];  // len 0 gives NaN, as in the torch path
         for (int d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
       }
@@ -507,7 +506,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
   const Side ks = side_of(k, k_scale, k_min, k_bits), vs = side_of(v, v_scale, v_min, v_bits);
   const Job job{qf.data_ptr<float>(), ks, vs, count ? count->data_ptr<float>() : nullptr,
                 table.data_ptr<int32_t>(), lens64.data_ptr<int64_t>(), out.data_ptr<float>(),
-                rows, heads, table.size(1), G, static_cast<int>(head_dim), S,
+                rows, table.size(1), G, static_cast<int>(head_dim), S,
                 static_cast<int>(groups), static_cast<float>(scale)};
   const bool vector = S % kLanes == 0 && (head_dim == 64 || head_dim == 128);
   auto run = [&](auto tag) {
