@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from benchmarks.accuracy import answers, budget
+from benchmarks.accuracy import answers, budget, commands_of
 from benchmarks.results import machine, save
 from benchmarks.server import vllm_server
 from benchmarks.tasks import TASKS
@@ -76,7 +76,7 @@ def run(policy: str, arg: str, values: list, budget_: float, tasks, contexts,
         earlier = json.loads(out.read_text())
         if all(earlier.get(k) == v for k, v in setup.items()):
             result["configs"] = earlier["configs"]
-            result["resumed_from"] = [*earlier.get("resumed_from", []), earlier["command"]]
+            result["resumed_from"] = commands_of(earlier)
     with tempfile.TemporaryDirectory() as tmp:
         for name, preset in tqdm(presets.items(), desc="values"):
             if name in result["configs"]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+import benchmarks.tuning as tuning
 from benchmarks.report import tuning_section
 from benchmarks.tasks import TASKS, Sample
 from benchmarks.tuning import held_out_samples, main, plot, tally, value
@@ -66,3 +69,23 @@ def test_the_readme_table_gives_each_value_against_the_full_cache(tmp_path):
     assert "| 2 | 10.5/36 | 105% | 6 / 4.5 |" in table
     plot(data, tmp_path / "tuning.png")
     assert (tmp_path / "tuning.png").stat().st_size > 0
+
+
+def test_resume_keeps_what_was_measured_and_names_its_command(tokenizer, tmp_path, monkeypatch):
+    def no_server(*args, **kwargs):
+        raise AssertionError("every value was measured; nothing should start")
+
+    monkeypatch.setattr(tuning, "vllm_server", no_server)
+    out = tmp_path / "sweep.json"
+    first = "python -m benchmarks.tuning --values 2"
+    counts = {"correct": 3.0, "total": 3, "per_task": {"passkey": 3.0},
+              "per_context": {"200": 3.0}}
+    out.write_text(json.dumps({
+        "command": first, "policy": "pyramidkv", "arg": "beta", "budget": 0.25,
+        "tasks": ["passkey"], "context_tokens": [200], "samples_per_task": 3,
+        "held_out_seed": tuning.HELD_OUT_SEED,
+        "configs": {"full": {"preset": None, **counts}, "beta=2": {"preset": {}, **counts}}}))
+    result = main(["--values", "2", "--tasks", "passkey", "--contexts", "200", "--samples", "3",
+                   "--resume", "--out", str(out)])
+    assert result["resumed_from"] == [first]
+    assert result["configs"]["beta=2"]["relative"] == 1.0
