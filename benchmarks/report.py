@@ -239,6 +239,48 @@ def tuning_section(data: dict) -> list[str]:
     return lines
 
 
+def lab_section(data: dict) -> list[str]:
+    configs, contexts, tasks = data["configs"], data["context_tokens"], data["tasks"]
+    full = configs["full"]
+    grid = _load("accuracy_grid")
+    if data["held_out"] or not grid or grid["samples_per_task"] != data["samples_per_task"]:
+        grid = None  # other prompts than the lab's: nothing to compare with
+    prompts = "benchmarks.tuning's held-out prompts" if data["held_out"] else "the grid's prompts"
+    lines = [
+        "### Policy lab: score against the KV actually kept",
+        "",
+        f"`{data['command']}`{_on(data)} ({', '.join(tasks)}; "
+        f"{data['samples_per_task']} of {prompts} per task at ~"
+        f"{', '.join(map(str, contexts))} tokens; the full cache in the same run: "
+        f"{_n(full['correct'])}/{len(full['per_sample'])}). One transformers prefill a prompt, "
+        "every configuration's decode over it with the evicted keys masked out: an exploration "
+        "tool, not the serving path (no page formats: LeanKV here is its selection without "
+        "K8V4). *kept*: the share of the prompt's token-heads a configuration kept."
+        + (" *vLLM grid*: the accuracy grid's score on the same prompts, served by vLLM."
+           if grid else ""),
+        "",
+        "| configuration | kept | score | of the full cache | "
+        + " / ".join(map(str, contexts)) + " tokens | " + " / ".join(tasks) + " |"
+        + (" vLLM grid |" if grid else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if grid else ""),
+    ]
+    for name, r in configs.items():
+        rel = "" if r.get("relative") is None else f"{100 * r['relative']:.0f}%"
+        split = " / ".join(_n(r["per_context"][str(c)]) for c in contexts)
+        per_task = " / ".join(_n(r["per_task"][t]) for t in tasks)
+        label = "full cache" if name == "full" else f"`{name}`"
+        line = (f"| {label} | {r['kept']:.3f} | {_n(r['correct'])}/{len(r['per_sample'])} | "
+                f"{rel} | {split} | {per_task} |")
+        if grid:
+            served = grid["configs"].get(name)
+            rows = [s for s in served["per_sample"] if s["task"] in tasks
+                    and s["context_tokens"] in contexts] if served else []
+            same = served and len(rows) == len(r["per_sample"])
+            line += f" {_n(sum(s['correct'] for s in rows))} |" if same else " |"
+        lines.append(line)
+    return lines
+
+
 def scoring_section(data: dict) -> list[str]:
     lines = [
         "### Selection time (ChunkKV's layer-wise index reuse)",
@@ -390,7 +432,7 @@ SECTIONS = {"throughput": throughput_section, "throughput_decode": decode_throug
             "memory": memory_section,
             "fidelity": fidelity_section, "fidelity_policies": policies_fidelity_section,
             "accuracy": accuracy_section, "accuracy_grid": accuracy_grid_section,
-            "tuning_pyramidkv_beta": tuning_section,
+            "tuning_pyramidkv_beta": tuning_section, "lab": lab_section,
             "kvpress": kvpress_section, "scoring": scoring_section, "kernels": kernels_section}
 # The benchmark behind each results file, where its name is not the file's.
 COMMANDS = {"throughput_decode": "python -m benchmarks.throughput --prompt-tokens 1000 2000 "

@@ -115,3 +115,36 @@ def test_kernel_table_sums_up_against_vllms_op():
     assert "`python -m benchmarks.kernels --batches 1` on cpu" in table
     assert "| 4096 | 1 | 0.40 | 0.20 |" in table
     assert "k8v4 0.50-2.00x (no slower at 1 of 2 shapes)" in table
+
+
+def test_lab_table_gives_each_configuration_its_kept_share_and_score(monkeypatch):
+    from benchmarks import report
+    from benchmarks.report import lab_section
+
+    def row(correct, kept, relative, per_context, per_task):
+        return {"correct": correct, "kept": kept, "relative": relative, "per_sample": [{}] * 4,
+                "per_context": per_context, "per_task": per_task}
+
+    data = {"command": "python -m benchmarks.lab --configs leankv@0.25", "held_out": False,
+            "context_tokens": [1000, 2000], "tasks": ["passkey", "vartrack"], "samples_per_task": 1,
+            "configs": {"full": row(3.5, 1.0, 1.0, {"1000": 2, "2000": 1.5},
+                                    {"passkey": 2, "vartrack": 1.5}),
+                        "leankv@0.25": row(2.0, 0.1412, 2 / 3.5, {"1000": 1, "2000": 1},
+                                           {"passkey": 2, "vartrack": 0})}}
+    table = "\n".join(lab_section(data))
+    assert "| full cache | 1.000 | 3.5/4 | 100% | 2 / 1.5 | 2 / 1.5 |" in table
+    assert "| `leankv@0.25` | 0.141 | 2/4 | 57% | 1 / 1 | 2 / 0 |" in table
+    assert "`python -m benchmarks.lab --configs leankv@0.25`" in table
+
+    # Beside the grid's score on the same prompts, where the grid has the configuration.
+    grid = {"samples_per_task": 1, "configs": {"leankv@0.25": {"per_sample": [
+        {"task": "passkey", "context_tokens": 1000, "correct": 1},
+        {"task": "passkey", "context_tokens": 2000, "correct": 1},
+        {"task": "vartrack", "context_tokens": 1000, "correct": 0.5},
+        {"task": "vartrack", "context_tokens": 2000, "correct": 0},
+        {"task": "qa", "context_tokens": 1000, "correct": 1},
+        {"task": "passkey", "context_tokens": 4000, "correct": 1}]}}}
+    monkeypatch.setattr(report, "_load", lambda name: grid if name == "accuracy_grid" else None)
+    table = "\n".join(lab_section(data))
+    assert "| `leankv@0.25` | 0.141 | 2/4 | 57% | 1 / 1 | 2 / 0 | 2.5 |" in table
+    assert "| full cache | 1.000 | 3.5/4 | 100% | 2 / 1.5 | 2 / 1.5 | |" in table
