@@ -204,13 +204,25 @@ def kvpress_section(data: dict) -> list[str]:
         if r is None:
             return "not run"
         if r.get("error"):
-            return f"error: {r['error'].splitlines()[-1][:80]}"
+            kind = r["error"].split(":", 1)[0]
+            failed = r.get("errors", total)
+            return f"fails on {failed} of {total} prompts ({kind}, below)"
         return f"{_n(r['correct'])} = " + " + ".join(_n(r["per_task"][t]) for t in data["tasks"])
 
-    for name, r in data["configs"].items():
+    # The benchmark's order (full, then its presses), whatever order a --resume measured them in.
+    from benchmarks.kvpress_compare import PRESSES
+
+    order = ["full", *PRESSES]
+    for name, r in sorted(data["configs"].items(),
+                          key=lambda item: order.index(item[0].partition("@")[0])):
         method, _, budget = name.partition("@")
         lines.append(f"| {method} | {budget or '1.0'} | {cell(r)} | {cell(whole.get(name))} | "
                      f"{cell(ours.get(name))} |")
+    failed = {name: r["error"].split("; ")[0] for name, r in data["configs"].items()
+              if r.get("error")}
+    if failed:
+        lines += ["", "kvpress's errors, the first of each configuration: " + "; ".join(
+            f"{name}: `{error}`" for name, error in failed.items()) + "."]
     return lines
 
 

@@ -148,3 +148,24 @@ def test_lab_table_gives_each_configuration_its_kept_share_and_score(monkeypatch
     table = "\n".join(lab_section(data))
     assert "| `leankv@0.25` | 0.141 | 2/4 | 57% | 1 / 1 | 2 / 0 | 2.5 |" in table
     assert "| full cache | 1.000 | 3.5/4 | 100% | 2 / 1.5 | 2 / 1.5 | |" in table
+
+
+def test_kvpress_table_keeps_the_benchmark_order_and_names_a_failing_press(monkeypatch):
+    from benchmarks import report
+
+    def row(correct):
+        return {"correct": correct, "per_task": {"passkey": correct}, "error": None}
+
+    data = {"kvpress_version": "0.5.5", "transformers_version": "5.2.0", "samples_per_task": 2,
+            "tasks": ["passkey"],
+            "configs": {"full": row(2), "snapkv@0.25": row(1), "streamingllm@0.25": row(0),
+                        "pyramidkv@0.25": {**row(0), "errors": 2,
+                                           "error": "RuntimeError: sizes differ; RuntimeError: x"}}}
+    monkeypatch.setattr(report, "_load", lambda name: None)
+    table = report.kvpress_section(data)
+    methods = [line.split(" | ")[0] for line in table if line.startswith("| ") and "@" not in line]
+    assert methods[2:] == ["| full", "| snapkv", "| pyramidkv", "| streamingllm"]
+    assert ("| pyramidkv | 0.25 | fails on 2 of 2 prompts (RuntimeError, below) | not run | "
+            "not run |") in table
+    assert table[-1] == "kvpress's errors, the first of each configuration: pyramidkv@0.25: " \
+                        "`RuntimeError: sizes differ`."
