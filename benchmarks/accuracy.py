@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks.results import machine, save
+from benchmarks.results import machine, machines, save
 from benchmarks.server import vllm_server
 from benchmarks.tasks import DEFAULT_TASKS, TASKS, score
 
@@ -180,6 +180,7 @@ def run(policies, budgets, tasks, contexts, samples_per_task: int, kv_bytes: int
         measured = earlier_measures(earlier, tasks, samples_per_task, contexts)
         if measured:
             result["budgets"] = sorted(set(budgets) | set(earlier["budgets"]), reverse=True)
+            result["machine"] = machines(result["machine"], earlier.get("machine"))
             # The runs whose measurements this file keeps, so its table names every command.
             result["resumed_from"] = commands_of(earlier)
         dropped = [n for n, m in measured.items()

@@ -18,6 +18,13 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def machines(here: str, earlier: str | None) -> str:
+    """The machine a resumed result names: this run's, and the earlier runs' where they differ."""
+    if not earlier or here in earlier:
+        return earlier or here
+    return f"{here} (its first command) and {earlier} (the commands it keeps)"
+
+
 def save(result: dict, out: Path, plot: Callable[[dict, Path], None] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -344,3 +344,13 @@ def test_runs_side_by_side_merge_into_one_file(tmp_path):
                                                          "samples_per_task": 3}))
     with pytest.raises(SystemExit, match="not the tasks and samples per task"):
         main(["--out", str(mine), "--merge", str(tmp_path / "other_samples.json")])
+
+
+def test_a_resumed_result_names_every_machine_its_rows_ran_on():
+    from benchmarks.results import machines
+
+    assert machines("A, 2 cores", None) == "A, 2 cores"
+    assert machines("A, 2 cores", "A, 2 cores") == "A, 2 cores"
+    both = machines("A, 2 cores", "B, 2 cores")
+    assert both == "A, 2 cores (its first command) and B, 2 cores (the commands it keeps)"
+    assert machines("A, 2 cores", both) == both  # resumed again on one of them
