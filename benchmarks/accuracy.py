@@ -224,6 +224,7 @@ def merge(out: Path, others: list[Path]) -> dict:
     measured = earlier_measures(result, tasks, samples, contexts)
     commands = commands_of(result)
     budgets = set(result["budgets"])
+    machine_names = result.get("machine")
     for path in others:
         other = json.loads(path.read_text())
         found = earlier_measures(other, tasks, samples, contexts)
@@ -235,6 +236,9 @@ def merge(out: Path, others: list[Path]) -> dict:
                 entry["contexts"].setdefault(ctx, part)
         commands += [c for c in commands_of(other) if c not in commands]
         budgets |= set(other["budgets"])
+        machine_names = machines(machine_names, other.get("machine"))
+    if machine_names:
+        result["machine"] = machine_names
     result.update(configs=combine(measured, contexts, tasks), budgets=sorted(budgets, reverse=True),
                   resumed_from=[c for c in commands if c != result["command"]],
                   merged_from=[*result.get("merged_from", []), *map(str, others)])

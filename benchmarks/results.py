@@ -18,11 +18,17 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def machines(here: str, earlier: str | None) -> str:
-    """The machine a resumed result names: this run's, and the earlier runs' where they differ."""
-    if not earlier or here in earlier:
-        return earlier or here
-    return f"{here} (its first command) and {earlier} (the commands it keeps)"
+def machines(*named: str | None) -> str:
+    """Every machine that results from several runs ran on, each named once, in order.
+
+    Each argument is a result's ``machine`` (itself possibly such a list). Which
+    rows ran where is not kept, so the name claims no more than the set.
+    """
+    names: list[str] = []
+    for name in (part for one in named if one for part in one.split(" and ")):
+        if name not in names:
+            names.append(name)
+    return " and ".join(names)
 
 
 def save(result: dict, out: Path, plot: Callable[[dict, Path], None] | None = None) -> None:

@@ -29,7 +29,7 @@ import yaml
 from tqdm import tqdm
 
 from benchmarks.accuracy import answers, budget, commands_of
-from benchmarks.results import machine, save
+from benchmarks.results import machine, machines, save
 from benchmarks.server import vllm_server
 from benchmarks.tasks import TASKS
 
@@ -77,6 +77,7 @@ def run(policy: str, arg: str, values: list, budget_: float, tasks, contexts,
         if all(earlier.get(k) == v for k, v in setup.items()):
             result["configs"] = earlier["configs"]
             result["resumed_from"] = commands_of(earlier)
+            result["machine"] = machines(result["machine"], earlier.get("machine"))
     with tempfile.TemporaryDirectory() as tmp:
         for name, preset in tqdm(presets.items(), desc="values"):
             if name in result["configs"]:

@@ -312,9 +312,9 @@ def test_runs_side_by_side_merge_into_one_file(tmp_path):
 
     tasks, contexts = ["passkey", "qa"], [1000, 4000]
 
-    def saved(path, command, budgets, measured):
+    def saved(path, command, budgets, measured, machine="m"):
         path.write_text(json.dumps({
-            "command": command, "machine": "m", "context_tokens": contexts, "tasks": tasks,
+            "command": command, "machine": machine, "context_tokens": contexts, "tasks": tasks,
             "budgets": budgets, "samples_per_task": 2,
             "configs": combine(measured, contexts, tasks),
             "incomplete": incomplete(measured, contexts)}))
@@ -328,8 +328,9 @@ def test_runs_side_by_side_merge_into_one_file(tmp_path):
     saved(mine, "python -m benchmarks.accuracy --policies snapkv", [0.25],
           {"full": full, "snapkv@0.25": snap_1k})
     saved(other, "python -m benchmarks.accuracy --policies h2o --out grid_b.json", [0.1],
-          {"full": full, "h2o@0.1": h2o})
+          {"full": full, "h2o@0.1": h2o}, machine="n")
     result = main(["--out", str(mine), "--merge", str(other)])
+    assert result["machine"] == "m and n"
     assert set(result["configs"]) == {"full", "h2o@0.1"}
     assert result["configs"]["h2o@0.1"]["correct"] == 2 and result["configs"]["h2o@0.1"][
         "relative"] == 2 / 6
@@ -352,5 +353,6 @@ def test_a_resumed_result_names_every_machine_its_rows_ran_on():
     assert machines("A, 2 cores", None) == "A, 2 cores"
     assert machines("A, 2 cores", "A, 2 cores") == "A, 2 cores"
     both = machines("A, 2 cores", "B, 2 cores")
-    assert both == "A, 2 cores (its first command) and B, 2 cores (the commands it keeps)"
-    assert machines("A, 2 cores", both) == both  # resumed again on one of them
+    assert both == "A, 2 cores and B, 2 cores"
+    assert machines("B, 2 cores", both) == "B, 2 cores and A, 2 cores"  # resumed on one of them
+    assert machines("C, 4 cores", both) == "C, 4 cores and A, 2 cores and B, 2 cores"

@@ -81,11 +81,12 @@ def test_resume_keeps_what_was_measured_and_names_its_command(tokenizer, tmp_pat
     counts = {"correct": 3.0, "total": 3, "per_task": {"passkey": 3.0},
               "per_context": {"200": 3.0}}
     out.write_text(json.dumps({
-        "command": first, "policy": "pyramidkv", "arg": "beta", "budget": 0.25,
+        "command": first, "machine": "elsewhere, 64 cores", "policy": "pyramidkv", "arg": "beta", "budget": 0.25,
         "tasks": ["passkey"], "context_tokens": [200], "samples_per_task": 3,
         "held_out_seed": tuning.HELD_OUT_SEED,
         "configs": {"full": {"preset": None, **counts}, "beta=2": {"preset": {}, **counts}}}))
     result = main(["--values", "2", "--tasks", "passkey", "--contexts", "200", "--samples", "3",
                    "--resume", "--out", str(out)])
     assert result["resumed_from"] == [first]
+    assert result["machine"].endswith(" and elsewhere, 64 cores")
     assert result["configs"]["beta=2"]["relative"] == 1.0
