@@ -122,14 +122,18 @@ def accuracy_grid_section(data: dict) -> list[str]:
     def part(r: dict, ctx: int) -> dict:
         return r["per_context"][str(ctx)] if "per_context" in r else r
 
+    command = data.get("command", "python -m benchmarks.accuracy")
+    earlier = data.get("resumed_from", [])
+    # A grid filled in over many resumed runs would bury the table under its commands.
+    source = (f"`{command}`" if not earlier else
+              f"{len(earlier) + 1} runs of `benchmarks.accuracy`, each resuming the file the "
+              "ones before it left (listed below the table" + "".join(
+                  f"; `{f}`, run beside them on the other core, folded in with `--merge`"
+                  for f in data.get("merged_from", [])) + ")")
     lines = [
         "### Long-context accuracy over lengths and budgets",
         "",
-        f"`{data.get('command', 'python -m benchmarks.accuracy')}`"
-        + "".join(f", keeping what `{c}` measured" for c in data.get("resumed_from", []))
-        + "".join(f" (`{f}`, run beside it on the other core and folded in with `--merge`)"
-                  for f in data.get("merged_from", []))
-        + _on(data) + f" ({len(tasks)} tasks, {per} "
+        source + _on(data) + f" ({len(tasks)} tasks, {per} "
         f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
         "same run; a sample scores the share of its answers found, RULER's string match). "
         f"The full cache's score per task, out of {per}:",
@@ -177,6 +181,9 @@ def accuracy_grid_section(data: dict) -> list[str]:
     if targets:
         lines += ["", "Targets: " + "; ".join(targets) + "."]
     lines += ["", "![accuracy_grid](results/accuracy_grid.png)"]
+    if earlier:
+        lines += ["", "<details><summary>The commands, in the order they ran</summary>", "",
+                  *(f"- `{c}`" for c in [*earlier, command]), "", "</details>"]
     return lines
 
 

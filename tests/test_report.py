@@ -88,7 +88,10 @@ def test_accuracy_grid_shows_partial_credit_shares_and_the_targets():
             "configs": {"full": config(6.5, 6.5), "pyramidkv@0.25": config(6.25, 6.5),
                         "pyramidkv@0.1": config(5.0, 6.5)}}
     table = "\n".join(accuracy_grid_section(data))
-    assert "keeping what `python -m benchmarks.accuracy --budgets 0.1` measured" in table
+    assert table.startswith("### Long-context accuracy over lengths and budgets\n\n2 runs of")
+    # The commands follow the table, earliest first.
+    assert table.endswith("- `python -m benchmarks.accuracy --budgets 0.1`\n"
+                          "- `python -m benchmarks.accuracy --contexts 1000`\n\n</details>")
     assert "| multivalue | 2.5 |" in table
     assert "| pyramidkv | 6.25/8 (96%) | 5/8 (77%) |" in table
     assert "met by pyramidkv" in table and "missed by pyramidkv (77%)" in table
