@@ -107,14 +107,15 @@ def accuracy_section(data: dict) -> list[str]:
     return lines
 
 
-def accuracy_grid_section(data: dict) -> list[str]:
+def accuracy_grid_section(data: dict, name: str = "accuracy_grid",
+                          title: str = "Long-context accuracy over lengths and budgets") -> list[str]:
     """Several tasks, lengths and budgets: the full cache per task, then each policy's share."""
     tasks, configs, contexts = data["tasks"], data["configs"], data["context_tokens"]
     contexts = [contexts] if isinstance(contexts, int) else contexts
     budgets = sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
     per = data["samples_per_task"]
     if "full" not in configs:  # still running: nothing is measured at every length yet
-        return ["### Long-context accuracy over lengths and budgets", "",
+        return [f"### {title}", "",
                 f"`{data.get('command', 'python -m benchmarks.accuracy')}`: not finished; "
                 f"measured so far: {', '.join(data.get('incomplete', {})) or 'nothing'}."]
     full = configs["full"]
@@ -131,7 +132,7 @@ def accuracy_grid_section(data: dict) -> list[str]:
                   f"; `{f}`, run beside them on the other core, folded in with `--merge`"
                   for f in data.get("merged_from", [])) + ")")
     lines = [
-        "### Long-context accuracy over lengths and budgets",
+        f"### {title}",
         "",
         source + _on(data) + f" ({len(tasks)} tasks, {per} "
         f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
@@ -180,11 +181,16 @@ def accuracy_grid_section(data: dict) -> list[str]:
                            + (f"; missed by {', '.join(missed)}" if missed else ""))
     if targets:
         lines += ["", "Targets: " + "; ".join(targets) + "."]
-    lines += ["", "![accuracy_grid](results/accuracy_grid.png)"]
+    lines += ["", f"![{name}](results/{name}.png)"]
     if earlier:
         lines += ["", "<details><summary>The commands, in the order they ran</summary>", "",
                   *(f"- `{c}`" for c in [*earlier, command]), "", "</details>"]
     return lines
+
+
+def accuracy_1k_section(data: dict) -> list[str]:
+    return accuracy_grid_section(data, "accuracy_1k",
+                                 "Long-context accuracy at ~1000 tokens, with more prompts")
 
 
 def kvpress_section(data: dict) -> list[str]:
@@ -451,6 +457,7 @@ SECTIONS = {"throughput": throughput_section, "throughput_decode": decode_throug
             "memory": memory_section,
             "fidelity": fidelity_section, "fidelity_policies": policies_fidelity_section,
             "accuracy": accuracy_section, "accuracy_grid": accuracy_grid_section,
+            "accuracy_1k": accuracy_1k_section,
             "tuning_pyramidkv_beta": tuning_section, "lab": lab_section,
             "kvpress": kvpress_section, "scoring": scoring_section, "kernels": kernels_section}
 # The benchmark behind each results file, where its name is not the file's.
@@ -462,6 +469,8 @@ COMMANDS = {"throughput_decode": "python -m benchmarks.throughput --prompt-token
                                  "--out results/fidelity_policies.json",
             "accuracy_grid": "python -m benchmarks.accuracy --contexts 1000 2000 4000 --tasks ... "
                              "--out results/accuracy_grid.json",
+            "accuracy_1k": "python -m benchmarks.accuracy --contexts 1000 --samples 12 --tasks ... "
+                           "--out results/accuracy_1k.json",
             "tuning_pyramidkv_beta": "python -m benchmarks.tuning --policy pyramidkv --arg beta "
                                      "--values 20 5 2"}
 
