@@ -81,7 +81,8 @@ def test_resume_keeps_what_was_measured_and_names_its_command(tokenizer, tmp_pat
     counts = {"correct": 3.0, "total": 3, "per_task": {"passkey": 3.0},
               "per_context": {"200": 3.0}}
     out.write_text(json.dumps({
-        "command": first, "machine": "elsewhere, 64 cores", "policy": "pyramidkv", "arg": "beta", "budget": 0.25,
+        "command": first, "machine": "elsewhere, 64 cores", "policy": "pyramidkv", "arg": "beta",
+        "budget": 0.25,
         "tasks": ["passkey"], "context_tokens": [200], "samples_per_task": 3,
         "held_out_seed": tuning.HELD_OUT_SEED,
         "configs": {"full": {"preset": None, **counts}, "beta=2": {"preset": {}, **counts}}}))
