@@ -10,6 +10,7 @@ listed as such.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -188,9 +189,9 @@ def accuracy_grid_section(data: dict, name: str = "accuracy_grid",
     return lines
 
 
-def accuracy_1k_section(data: dict) -> list[str]:
-    return accuracy_grid_section(data, "accuracy_1k",
-                                 "Long-context accuracy at ~1000 tokens, with more prompts")
+def _grid(name: str, title: str) -> Callable[[dict], list[str]]:
+    """The grid's section for another grid-shaped results file (one length, more prompts)."""
+    return lambda data: accuracy_grid_section(data, name, title)
 
 
 def kvpress_section(data: dict) -> list[str]:
@@ -457,7 +458,10 @@ SECTIONS = {"throughput": throughput_section, "throughput_decode": decode_throug
             "memory": memory_section,
             "fidelity": fidelity_section, "fidelity_policies": policies_fidelity_section,
             "accuracy": accuracy_section, "accuracy_grid": accuracy_grid_section,
-            "accuracy_1k": accuracy_1k_section,
+            "accuracy_1k": _grid("accuracy_1k",
+                                 "Long-context accuracy at ~1000 tokens, with more prompts"),
+            "accuracy_8k": _grid("accuracy_8k",
+                                 "Long-context accuracy near the model's 8K context"),
             "tuning_pyramidkv_beta": tuning_section, "lab": lab_section,
             "kvpress": kvpress_section, "scoring": scoring_section, "kernels": kernels_section}
 # The benchmark behind each results file, where its name is not the file's.
@@ -471,6 +475,8 @@ COMMANDS = {"throughput_decode": "python -m benchmarks.throughput --prompt-token
                              "--out results/accuracy_grid.json",
             "accuracy_1k": "python -m benchmarks.accuracy --contexts 1000 --samples 12 --tasks ... "
                            "--out results/accuracy_1k.json",
+            "accuracy_8k": "python -m benchmarks.accuracy --contexts 7500 --tasks ... "
+                           "--out results/accuracy_8k.json",
             "tuning_pyramidkv_beta": "python -m benchmarks.tuning --policy pyramidkv --arg beta "
                                      "--values 20 5 2"}
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.report import (accuracy_grid_section, fidelity_section, kernels_section,
-                               offline_throughput_section, render, throughput_section)
+from benchmarks.report import (SECTIONS, accuracy_grid_section, fidelity_section,
+                               kernels_section, offline_throughput_section, render,
+                               throughput_section)
 from benchmarks.throughput import arguments, plot
 
 
@@ -95,6 +96,11 @@ def test_accuracy_grid_shows_partial_credit_shares_and_the_targets():
     assert "| multivalue | 2.5 |" in table
     assert "| pyramidkv | 6.25/8 (96%) | 5/8 (77%) |" in table
     assert "met by pyramidkv" in table and "missed by pyramidkv (77%)" in table
+    # Other grid-shaped files render the same way under their own title and plot.
+    one_length = "\n".join(SECTIONS["accuracy_1k"](data))
+    assert one_length.startswith("### Long-context accuracy at ~1000 tokens, with more prompts")
+    assert "![accuracy_1k](results/accuracy_1k.png)" in one_length
+    assert "| pyramidkv | 6.25/8 (96%) | 5/8 (77%) |" in one_length
 
 
 def test_an_unfinished_accuracy_grid_says_what_it_has():
