@@ -128,8 +128,8 @@ def accuracy_grid_section(data: dict, name: str = "accuracy_grid",
     earlier = data.get("resumed_from", [])
     # A grid filled in over many resumed runs would bury the table under its commands.
     source = (f"`{command}`" if not earlier else
-              f"{len(earlier) + 1} runs of `benchmarks.accuracy`, each resuming the file the "
-              "ones before it left (listed below the table" + "".join(
+              f"{len(earlier) + 1} runs of `benchmarks.accuracy` gathered in one file with "
+              "`--resume` or `--merge` (listed below the table" + "".join(
                   f"; `{f}`, run beside them on the other core, folded in with `--merge`"
                   for f in data.get("merged_from", [])) + ")")
     lines = [
