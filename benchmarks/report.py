@@ -184,7 +184,7 @@ def accuracy_grid_section(data: dict, name: str = "accuracy_grid",
         lines += ["", "Targets: " + "; ".join(targets) + "."]
     lines += ["", f"![{name}](results/{name}.png)"]
     if earlier:
-        lines += ["", "<details><summary>The commands, in the order they ran</summary>", "",
+        lines += ["", "<details><summary>The commands behind these numbers</summary>", "",
                   *(f"- `{c}`" for c in [*earlier, command]), "", "</details>"]
     return lines
 
