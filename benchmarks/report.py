@@ -108,23 +108,25 @@ def accuracy_section(data: dict) -> list[str]:
     return lines
 
 
-def accuracy_grid_section(data: dict, name: str = "accuracy_grid",
-                          title: str = "Long-context accuracy over lengths and budgets") -> list[str]:
+def accuracy_grid_section(
+    data: dict, name: str = "accuracy_grid",
+    title: str = "Long-context accuracy over lengths and budgets",
+) -> list[str]:
     """Several tasks, lengths and budgets: the full cache per task, then each policy's share."""
     tasks, configs, contexts = data["tasks"], data["configs"], data["context_tokens"]
     contexts = [contexts] if isinstance(contexts, int) else contexts
     budgets = sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
     per = data["samples_per_task"]
+    command = data.get("command", "python -m benchmarks.accuracy")
     if "full" not in configs:  # still running: nothing is measured at every length yet
         return [f"### {title}", "",
-                f"`{data.get('command', 'python -m benchmarks.accuracy')}`: not finished; "
+                f"`{command}`: not finished; "
                 f"measured so far: {', '.join(data.get('incomplete', {})) or 'nothing'}."]
     full = configs["full"]
 
     def part(r: dict, ctx: int) -> dict:
         return r["per_context"][str(ctx)] if "per_context" in r else r
 
-    command = data.get("command", "python -m benchmarks.accuracy")
     earlier = data.get("resumed_from", [])
     # A grid filled in over many resumed runs would bury the table under its commands.
     source = (f"`{command}`" if not earlier else
@@ -190,7 +192,7 @@ def accuracy_grid_section(data: dict, name: str = "accuracy_grid",
 
 
 def _grid(name: str, title: str) -> Callable[[dict], list[str]]:
-    """The grid's section for another grid-shaped results file (one length, more prompts)."""
+    """The grid's section for another grid-shaped results file, under its own title and plot."""
     return lambda data: accuracy_grid_section(data, name, title)
 
 

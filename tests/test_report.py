@@ -90,7 +90,7 @@ def test_accuracy_grid_shows_partial_credit_shares_and_the_targets():
                         "pyramidkv@0.1": config(5.0, 6.5)}}
     table = "\n".join(accuracy_grid_section(data))
     assert table.startswith("### Long-context accuracy over lengths and budgets\n\n2 runs of")
-    # The commands follow the table, earliest first.
+    # The commands follow the table, the file's earlier ones first.
     assert table.endswith("- `python -m benchmarks.accuracy --budgets 0.1`\n"
                           "- `python -m benchmarks.accuracy --contexts 1000`\n\n</details>")
     assert "| multivalue | 2.5 |" in table
