@@ -109,6 +109,7 @@ class KVCompressor:
         self.num_kv_heads = store.shape.num_kv_heads
         self.num_q_heads = num_q_heads
         self.step: StepPlan | None = None
+        self.layers_run = 0  # layers that went through forward_layer in the current step
         self._step_has_policy = False
         self.stats = CompressionStats()
         self._plans: dict[int, LayerPlan | None] = {}
@@ -160,6 +161,7 @@ class KVCompressor:
         num_new = np.repeat([r.num_new for r in requests], self.num_kv_heads)
         self.store.reserve(step.request_rows, num_new)
         self.step = step
+        self.layers_run = 0
         return step
 
     @property
@@ -189,6 +191,7 @@ class KVCompressor:
         """query [N, Hq, D], key/value [N, H, D] -> attention output [N, Hq, D]."""
         step = self.step
         assert step is not None, "forward_layer called outside begin_step/end_step"
+        self.layers_run += 1
         store = self.store
         n = step.num_tokens
         query, key, value = query[:n], key[:n], value[:n]

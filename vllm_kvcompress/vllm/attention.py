@@ -3,8 +3,8 @@
 Registered by the worker in place of vLLM's CPU backend (``CPU_ATTN``) or as
 ``CUSTOM`` on CUDA, only when a policy is on. KV does not live in vLLM's
 per-layer tensors but in the worker's page store; the model runner attaches
-the :class:`~vllm_kvcompress.compressor.KVCompressor` to this backend's
-builders and implementations once the store exists.
+its :class:`~vllm_kvcompress.vllm.runners.session.KVCompressSession` to this
+backend's builders and implementations once the store exists.
 """
 
 from __future__ import annotations
@@ -66,14 +66,15 @@ class KVCompressMetadata:
 
 
 class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
-    compressor = None  # set by the model runner
+    session = None  # set when the KV space is handed over
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVCompressMetadata:
-        step = self.compressor.step if self.compressor is not None else None
+        compressor = self.session.compressor if self.session is not None else None
+        step = compressor.step if compressor is not None else None
         return KVCompressMetadata(
             num_actual_tokens=common_attn_metadata.num_actual_tokens,
             query_start_loc=common_attn_metadata.query_start_loc_cpu,
@@ -82,7 +83,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
 
 
 class KVCompressAttentionImpl(AttentionImpl):
-    compressor = None  # set by the model runner
+    session = None  # set when the KV space is handed over
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -110,13 +111,22 @@ class KVCompressAttentionImpl(AttentionImpl):
             return output
         n = attn_metadata.num_actual_tokens
         if attn_metadata.step is None:
+            if self.session is not None and not self.session.in_dummy_run:
+                # Requests are running but the runner never began a compressor step:
+                # attending the new tokens alone would be wrong text, served silently.
+                raise RuntimeError(
+                    "kvcompress: attention ran for requests outside a compressor step; the "
+                    f"{self.session.runner_kind} runner adapter's hooks did not fire in this "
+                    "vLLM (see `vllm-kvcompress doctor`)")
+            # Profiling and warm-up runs: no requests, nothing cached.
             output[:n] = self._dense(query[:n], key[:n], value[:n], attn_metadata.query_start_loc)
             return output
         if self.layer_index is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
             self.layer_index = extract_layer_index(layer.layer_name)
-        output[:n] = self.compressor.forward_layer(self.layer_index, query, key, value, self.scale)
+        output[:n] = self.session.compressor.forward_layer(self.layer_index, query, key, value,
+                                                            self.scale)
         return output
 
     def _dense(self, query, key, value, query_start_loc) -> torch.Tensor:
