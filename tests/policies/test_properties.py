@@ -14,6 +14,7 @@ from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import resolve_budget
 from vllm_kvcompress.policies.budgets import pyramid_layer_budgets
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.knorm import KNorm
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
 from vllm_kvcompress.policies.snapkv import SnapKV
@@ -88,7 +89,7 @@ def test_per_head_budgets_stay_within_the_layer(
         assert torch.isinf(policy.score(inputs)[keep]).all()
 
 
-@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV])
+@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm])
 @FAST
 @given(
     shape=shapes,
@@ -189,6 +190,7 @@ def test_unknown_policy_names_the_choices(name):
         (LeanKV, {"min_ratio": -0.5}, "min_ratio"),
         (LeanKV, {"min_ratio": 2.0}, "min_ratio"),
         (LeanKV, {"pooling": "median"}, "pooling"),
+        (KNorm, {"window": 0}, "window"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(cls, kwargs, field):

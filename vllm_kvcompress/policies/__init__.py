@@ -40,6 +40,7 @@ def _load_builtin() -> None:
         adakv,
         chunkkv,
         h2o,
+        knorm,
         leankv,
         pod,
         pyramidkv,
