@@ -12,6 +12,7 @@ from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import Policy
 from vllm_kvcompress.policies.chunkkv import ChunkKV
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.keydiff import KeyDiff
 from vllm_kvcompress.policies.knorm import KNorm
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pod import PoD
@@ -49,6 +50,8 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (LeanKV, {"mass_threshold": 1.0, "min_ratio": 1.0, "budget": 64}),
     (KNorm, {}),
     (KNorm, {"window": 1, "sink_tokens": 0, "budget": 0.5}),
+    (KeyDiff, {}),
+    (KeyDiff, {"window": 8, "sink_tokens": 0, "budget": 32}),
 ]
 
 

@@ -14,6 +14,7 @@ from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import resolve_budget
 from vllm_kvcompress.policies.budgets import pyramid_layer_budgets
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.keydiff import KeyDiff
 from vllm_kvcompress.policies.knorm import KNorm
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
@@ -89,7 +90,7 @@ def test_per_head_budgets_stay_within_the_layer(
         assert torch.isinf(policy.score(inputs)[keep]).all()
 
 
-@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm])
+@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm, KeyDiff])
 @FAST
 @given(
     shape=shapes,

@@ -40,6 +40,7 @@ def _load_builtin() -> None:
         adakv,
         chunkkv,
         h2o,
+        keydiff,
         knorm,
         leankv,
         pod,
