@@ -20,6 +20,7 @@ from vllm_kvcompress.policies.pyramidkv import PyramidKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.spindlekv import SpindleKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
+from vllm_kvcompress.policies.tova import TOVA
 
 DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (StreamingLLM, {}),
@@ -52,6 +53,8 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (KNorm, {"window": 1, "sink_tokens": 0, "budget": 0.5}),
     (KeyDiff, {}),
     (KeyDiff, {"window": 8, "sink_tokens": 0, "budget": 32}),
+    (TOVA, {}),
+    (TOVA, {"per_layer": True, "window": 1, "sink_tokens": 0}),
 ]
 
 

@@ -20,6 +20,7 @@ from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
+from vllm_kvcompress.policies.tova import TOVA
 
 from .default_policies import DEFAULT_POLICIES, policy_id
 from .helpers import assert_within_budget, make_inputs
@@ -90,7 +91,8 @@ def test_per_head_budgets_stay_within_the_layer(
         assert torch.isinf(policy.score(inputs)[keep]).all()
 
 
-@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm, KeyDiff])
+@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm, KeyDiff,
+                                 TOVA])
 @FAST
 @given(
     shape=shapes,
@@ -192,6 +194,7 @@ def test_unknown_policy_names_the_choices(name):
         (LeanKV, {"min_ratio": 2.0}, "min_ratio"),
         (LeanKV, {"pooling": "median"}, "pooling"),
         (KNorm, {"window": 0}, "window"),
+        (TOVA, {"budget": 8}, "budget"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(cls, kwargs, field):

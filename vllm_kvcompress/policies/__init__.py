@@ -49,6 +49,7 @@ def _load_builtin() -> None:
         snapkv,
         spindlekv,
         streamingllm,
+        tova,
     )
 
 
