@@ -11,6 +11,7 @@ from typing import Any
 from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import Policy
 from vllm_kvcompress.policies.chunkkv import ChunkKV
+from vllm_kvcompress.policies.expected_attention import ExpectedAttention
 from vllm_kvcompress.policies.h2o import H2O
 from vllm_kvcompress.policies.keydiff import KeyDiff
 from vllm_kvcompress.policies.knorm import KNorm
@@ -55,6 +56,9 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (KeyDiff, {"window": 8, "sink_tokens": 0, "budget": 32}),
     (TOVA, {}),
     (TOVA, {"per_layer": True, "window": 1, "sink_tokens": 0}),
+    (ExpectedAttention, {}),
+    (ExpectedAttention, {"use_covariance": False, "use_vnorm": False, "window": 8}),
+    (ExpectedAttention, {"epsilon": 0.01, "sink_tokens": 0, "budget": 0.5}),
 ]
 
 

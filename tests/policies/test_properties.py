@@ -13,6 +13,7 @@ from vllm_kvcompress.policies import build_policy, policy_names
 from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import resolve_budget
 from vllm_kvcompress.policies.budgets import pyramid_layer_budgets
+from vllm_kvcompress.policies.expected_attention import ExpectedAttention
 from vllm_kvcompress.policies.h2o import H2O
 from vllm_kvcompress.policies.keydiff import KeyDiff
 from vllm_kvcompress.policies.knorm import KNorm
@@ -92,7 +93,7 @@ def test_per_head_budgets_stay_within_the_layer(
 
 
 @pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm, KeyDiff,
-                                 TOVA])
+                                 TOVA, ExpectedAttention])
 @FAST
 @given(
     shape=shapes,
@@ -193,6 +194,7 @@ def test_unknown_policy_names_the_choices(name):
         (LeanKV, {"min_ratio": -0.5}, "min_ratio"),
         (LeanKV, {"min_ratio": 2.0}, "min_ratio"),
         (LeanKV, {"pooling": "median"}, "pooling"),
+        (ExpectedAttention, {"epsilon": -0.1}, "epsilon"),
         (KNorm, {"window": 0}, "window"),
         (TOVA, {"budget": 8}, "budget"),
     ],

@@ -39,6 +39,7 @@ def _load_builtin() -> None:
     from vllm_kvcompress.policies import (  # noqa: F401
         adakv,
         chunkkv,
+        expected_attention,
         h2o,
         keydiff,
         knorm,
