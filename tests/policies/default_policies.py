@@ -18,6 +18,7 @@ from vllm_kvcompress.policies.knorm import KNorm
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pod import PoD
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
+from vllm_kvcompress.policies.rkv import RKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.spindlekv import SpindleKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
@@ -59,6 +60,9 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (ExpectedAttention, {}),
     (ExpectedAttention, {"use_covariance": False, "use_vnorm": False, "window": 8}),
     (ExpectedAttention, {"epsilon": 0.01, "sink_tokens": 0, "budget": 0.5}),
+    (RKV, {}),
+    (RKV, {"mix_lambda": 0.0, "similarity_threshold": -1.0, "kernel_size": 1, "window": 8}),
+    (RKV, {"mix_lambda": 1.0, "pooling": "avg", "sink_tokens": 0, "budget": 0.5}),
 ]
 
 

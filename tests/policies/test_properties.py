@@ -19,6 +19,7 @@ from vllm_kvcompress.policies.keydiff import KeyDiff
 from vllm_kvcompress.policies.knorm import KNorm
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
+from vllm_kvcompress.policies.rkv import RKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
 from vllm_kvcompress.policies.tova import TOVA
@@ -93,7 +94,7 @@ def test_per_head_budgets_stay_within_the_layer(
 
 
 @pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm, KeyDiff,
-                                 TOVA, ExpectedAttention])
+                                 TOVA, ExpectedAttention, RKV])
 @FAST
 @given(
     shape=shapes,
@@ -195,6 +196,11 @@ def test_unknown_policy_names_the_choices(name):
         (LeanKV, {"min_ratio": 2.0}, "min_ratio"),
         (LeanKV, {"pooling": "median"}, "pooling"),
         (ExpectedAttention, {"epsilon": -0.1}, "epsilon"),
+        (RKV, {"mix_lambda": 1.5}, "mix_lambda"),
+        (RKV, {"mix_lambda": -0.1}, "mix_lambda"),
+        (RKV, {"similarity_threshold": 1.1}, "similarity_threshold"),
+        (RKV, {"kernel_size": 2}, "kernel_size"),
+        (RKV, {"pooling": "median"}, "pooling"),
         (KNorm, {"window": 0}, "window"),
         (TOVA, {"budget": 8}, "budget"),
     ],

@@ -47,6 +47,7 @@ def _load_builtin() -> None:
         pod,
         pyramidkv,
         quest,
+        rkv,
         snapkv,
         spindlekv,
         streamingllm,
