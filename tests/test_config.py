@@ -97,7 +97,8 @@ def test_decode_budget_rejections_say_why(kwargs, match):
 # -- per-request kv_policy / kv_budget ---------------------------------------------------
 
 def test_requests_may_choose_policies_that_share_the_servers_store():
-    prefill_only = ["none", "adakv", "chunkkv", "leankv", "pyramidkv", "snapkv"]
+    prefill_only = ["none", "adakv", "chunkkv", "expected_attention", "keydiff", "knorm", "leankv",
+                    "pyramidkv", "rkv", "snapkv", "tova"]
     assert KVCompressConfig(policy="snapkv").request_policies() == prefill_only
     assert KVCompressConfig(quant="k8v4").request_policies() == prefill_only
     assert KVCompressConfig(policy="h2o").request_policies() == ["h2o"]

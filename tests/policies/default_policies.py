@@ -11,13 +11,18 @@ from typing import Any
 from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import Policy
 from vllm_kvcompress.policies.chunkkv import ChunkKV
+from vllm_kvcompress.policies.expected_attention import ExpectedAttention
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.keydiff import KeyDiff
+from vllm_kvcompress.policies.knorm import KNorm
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pod import PoD
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
+from vllm_kvcompress.policies.rkv import RKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.spindlekv import SpindleKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
+from vllm_kvcompress.policies.tova import TOVA
 
 DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (StreamingLLM, {}),
@@ -46,6 +51,18 @@ DEFAULT_POLICIES: list[tuple[type[Policy], dict[str, Any]]] = [
     (LeanKV, {}),
     (LeanKV, {"mass_threshold": 0.5, "min_ratio": 0.0, "window": 8, "sink_tokens": 0}),
     (LeanKV, {"mass_threshold": 1.0, "min_ratio": 1.0, "budget": 64}),
+    (KNorm, {}),
+    (KNorm, {"window": 1, "sink_tokens": 0, "budget": 0.5}),
+    (KeyDiff, {}),
+    (KeyDiff, {"window": 8, "sink_tokens": 0, "budget": 32}),
+    (TOVA, {}),
+    (TOVA, {"per_layer": True, "window": 1, "sink_tokens": 0}),
+    (ExpectedAttention, {}),
+    (ExpectedAttention, {"use_covariance": False, "use_vnorm": False, "window": 8}),
+    (ExpectedAttention, {"epsilon": 0.01, "sink_tokens": 0, "budget": 0.5}),
+    (RKV, {}),
+    (RKV, {"mix_lambda": 0.0, "similarity_threshold": -1.0, "kernel_size": 1, "window": 8}),
+    (RKV, {"mix_lambda": 1.0, "pooling": "avg", "sink_tokens": 0, "budget": 0.5}),
 ]
 
 

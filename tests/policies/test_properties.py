@@ -13,11 +13,16 @@ from vllm_kvcompress.policies import build_policy, policy_names
 from vllm_kvcompress.policies.adakv import AdaKV
 from vllm_kvcompress.policies.base import resolve_budget
 from vllm_kvcompress.policies.budgets import pyramid_layer_budgets
+from vllm_kvcompress.policies.expected_attention import ExpectedAttention
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.keydiff import KeyDiff
+from vllm_kvcompress.policies.knorm import KNorm
 from vllm_kvcompress.policies.leankv import LeanKV
 from vllm_kvcompress.policies.pyramidkv import PyramidKV
+from vllm_kvcompress.policies.rkv import RKV
 from vllm_kvcompress.policies.snapkv import SnapKV
 from vllm_kvcompress.policies.streamingllm import StreamingLLM
+from vllm_kvcompress.policies.tova import TOVA
 
 from .default_policies import DEFAULT_POLICIES, policy_id
 from .helpers import assert_within_budget, make_inputs
@@ -88,7 +93,8 @@ def test_per_head_budgets_stay_within_the_layer(
         assert torch.isinf(policy.score(inputs)[keep]).all()
 
 
-@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV])
+@pytest.mark.parametrize("cls", [StreamingLLM, SnapKV, PyramidKV, AdaKV, LeanKV, KNorm, KeyDiff,
+                                 TOVA, ExpectedAttention, RKV])
 @FAST
 @given(
     shape=shapes,
@@ -189,6 +195,14 @@ def test_unknown_policy_names_the_choices(name):
         (LeanKV, {"min_ratio": -0.5}, "min_ratio"),
         (LeanKV, {"min_ratio": 2.0}, "min_ratio"),
         (LeanKV, {"pooling": "median"}, "pooling"),
+        (ExpectedAttention, {"epsilon": -0.1}, "epsilon"),
+        (RKV, {"mix_lambda": 1.5}, "mix_lambda"),
+        (RKV, {"mix_lambda": -0.1}, "mix_lambda"),
+        (RKV, {"similarity_threshold": 1.1}, "similarity_threshold"),
+        (RKV, {"kernel_size": 2}, "kernel_size"),
+        (RKV, {"pooling": "median"}, "pooling"),
+        (KNorm, {"window": 0}, "window"),
+        (TOVA, {"budget": 8}, "budget"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(cls, kwargs, field):

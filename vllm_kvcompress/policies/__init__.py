@@ -39,14 +39,19 @@ def _load_builtin() -> None:
     from vllm_kvcompress.policies import (  # noqa: F401
         adakv,
         chunkkv,
+        expected_attention,
         h2o,
+        keydiff,
+        knorm,
         leankv,
         pod,
         pyramidkv,
         quest,
+        rkv,
         snapkv,
         spindlekv,
         streamingllm,
+        tova,
     )
 
 
