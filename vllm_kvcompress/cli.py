@@ -48,7 +48,17 @@ def main(argv: list[str] | None = None) -> None:
         help="Build (once, cached) the local SmolLM2-135M-Instruct checkpoint and print its path.",
     )
     sub.add_parser("policies", help="List the compression policies.")
-    args = parser.parse_args(argv)
+    doctor = sub.add_parser(
+        "doctor", help="Say what would serve MODEL here (vLLM version, model runner, attention "
+                       "backend, decode kernel) and whether the plugin hooks it.")
+    doctor.usage = "vllm-kvcompress doctor [MODEL] [vllm serve flags, e.g. --kv-policy snapkv]"
+    sub.add_parser(
+        "contract", add_help=False,
+        help="Check every vLLM internal the plugin touches against the installed vLLM or "
+             "other releases' wheels (--help for its options).")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("doctor", "contract"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "default-model":
         from vllm_kvcompress.models import default_model_path
 
@@ -57,3 +67,17 @@ def main(argv: list[str] | None = None) -> None:
         from vllm_kvcompress.policies import policy_names
 
         print("\n".join(policy_names()))
+    elif args.command == "doctor":
+        _ensure_vllm_version()
+        from vllm_kvcompress.models import default_model_path
+        from vllm_kvcompress.vllm.doctor import report
+
+        model = rest.pop(0) if rest and not rest[0].startswith("-") else str(default_model_path())
+        lines, ok = report(model, rest)
+        width = max(len(label) for label, _ in lines)
+        print("\n".join(f"{label:<{width}}  {value}" for label, value in lines))
+        sys.exit(0 if ok else 1)
+    elif args.command == "contract":
+        from vllm_kvcompress.contract import main as contract_main
+
+        sys.exit(contract_main(rest))

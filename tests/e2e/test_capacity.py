@@ -44,10 +44,10 @@ class Capacity:
         self.kv_bytes = 3 * math.ceil(prompt_tokens / BLOCK_TOKENS) * PLAIN_BLOCK_BYTES - 1
         self.max_len = str(2 ** math.ceil(math.log2(prompt_tokens + OUTPUT_TOKENS + 64)))
 
-    def max_running(self, requests: int, *flags: str) -> float:
+    def max_running(self, requests: int, *flags: str, runner: str | None = None) -> float:
         prompts = distinct_prompts(self.tokenizer, requests, self.prompt_tokens)
         with vllm_server(self.model, *flags, "--max-model-len", self.max_len,
-                         kv_bytes=self.kv_bytes) as url:
+                         kv_bytes=self.kv_bytes, runner=runner) as url:
             run = run_load(url, self.model, prompts, OUTPUT_TOKENS)
         assert not run.failed, run.failed[:3]
         assert run.completed == requests and run.output_tokens == requests * OUTPUT_TOKENS

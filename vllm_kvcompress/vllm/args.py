@@ -120,6 +120,7 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
     engine_args.additional_config = with_config(engine_args.additional_config, config)
     if engine_args.speculative_config:
         raise ValueError("kvcompress: speculative decoding is not supported")
+
     if engine_args.kv_cache_dtype not in (None, "auto"):
         raise ValueError("kvcompress: use --kv-quant instead of --kv-cache-dtype")
     if engine_args.enable_prefix_caching is not False:
@@ -128,6 +129,16 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
         engine_args.enable_prefix_caching = False
     if not current_platform.is_cpu():
         engine_args.attention_backend = "CUSTOM"  # our backend, registered by the worker
+        if not engine_args.enforce_eager:
+            # The compressor's page bookkeeping runs on the host between layers; a CUDA
+            # graph would replay one step's page tables forever.
+            logger.info("kvcompress: CUDA graphs off (--enforce-eager): the compressor "
+                        "decides pages on the host at every step")
+            engine_args.enforce_eager = True
+        if getattr(engine_args, "enable_extensible_kv_cache", None):
+            # vLLM 0.34's extensible KV cache treats its block count as a capacity to grow
+            # into; the page store needs the bytes it is handed up front.
+            engine_args.enable_extensible_kv_cache = False
     if engine_args.block_size is None:
         # vLLM blocks are only units of account for our pages; small ones round a
         # compressed request up by little (CPU's default of 128 tokens wastes up to
@@ -147,6 +158,11 @@ def finish_vllm_config(vllm_config, config: KVCompressConfig) -> None:
         return
     from vllm.platforms import current_platform
 
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        # A connector moves vLLM's own KV blocks (and skips the manager's free): the
+        # blocks it would read or fill hold nothing while the page store holds the KV.
+        raise ValueError("kvcompress: KV-transfer connectors (--kv-transfer-config, "
+                         "disaggregated prefill, --kv-offloading-size) are not supported")
     scheduler = vllm_config.scheduler_config
     scheduler.scheduler_cls = ASYNC_SCHEDULER if scheduler.async_scheduling else SCHEDULER
     parallel = vllm_config.parallel_config

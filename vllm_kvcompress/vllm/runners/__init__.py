@@ -45,6 +45,13 @@ def adapter_for(kind: str) -> type:
     return V2RunnerAdapter
 
 
+def dead_hooks(kind: str, runner_cls: type) -> list[str]:
+    """The adapter's overrides that ``runner_cls`` does not define: hooks vLLM would never call."""
+    adapter = adapter_for(kind)
+    return [name for name, value in vars(adapter).items()
+            if callable(value) and not name.startswith("__") and not hasattr(runner_cls, name)]
+
+
 def adopt(runner) -> KVCompressSession:
     """Give an existing vLLM model runner the adapter of its kind (idempotent)."""
     session = getattr(runner, "kvcompress", None)
@@ -55,9 +62,12 @@ def adopt(runner) -> KVCompressSession:
     if kind is None:
         raise Unsupported(f"vLLM built a {base.__module__}.{base.__qualname__} model runner, "
                           "which the plugin has no adapter for")
+    if dead := dead_hooks(kind, base):
+        raise Unsupported(f"this vLLM's {kind} model runner ({base.__qualname__}) has no "
+                          f"{', '.join(dead)}, which the plugin hooks")
     runner.__class__ = type(f"KVCompress{base.__name__}", (adapter_for(kind), base), {})
     runner.kvcompress = KVCompressSession(runner.vllm_config, runner.device, kind)
     return runner.kvcompress
 
 
-__all__ = ["KVCompressSession", "Unsupported", "adopt", "kind_of", "runner_kinds"]
+__all__ = ["KVCompressSession", "Unsupported", "adopt", "dead_hooks", "kind_of", "runner_kinds"]
