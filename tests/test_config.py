@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from vllm_kvcompress.config import (KVCompressConfig, PresetError, RequestOptionError,
-                                     RequestPolicies, load_preset, parse_budget)
+from vllm_kvcompress.config import (MAX_TOKEN_BUDGET, KVCompressConfig, PresetError,
+                                     RequestOptionError, RequestPolicies, load_preset, parse_budget)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -21,6 +22,32 @@ def test_budget_accepts_fractions_and_token_counts(text, value):
 def test_budget_rejects_values_outside_both_ranges(text):
     with pytest.raises(ValueError, match="fraction in \\(0, 1\\].*token count >= 16"):
         parse_budget(text)
+
+
+@pytest.mark.parametrize("value,match", [
+    (1e308, "1e\\+308 is more tokens than any context length"),
+    ("1e20", "'1e20' is more tokens than any context length"),
+    (10**24, "1000000000000000000000000 is more tokens"),
+    (10**400, "an integer of 1329 bits is more tokens"),  # float() of it overflows
+    (MAX_TOKEN_BUDGET + 1, "at most 2147483647"),
+    (math.inf, "inf is not a finite number"),
+    (math.nan, "nan is not a finite number"),
+    ("inf", "'inf' is not a finite number"),
+    ("nan", "'nan' is not a number"),
+    ("abc", "'abc' is not a number"),
+    ("1" * 100, "'1111111111111111111111111111111111111111'... is not a number"),
+    (True, "True is not a number"),
+    (None, "None is not a number"),
+    ([0.5], "a list is not a number"),
+])
+def test_budget_refuses_what_is_no_bounded_number(value, match):
+    with pytest.raises(ValueError, match=match):
+        parse_budget(value)
+
+
+def test_largest_budget_is_a_plain_int():
+    assert parse_budget(MAX_TOKEN_BUDGET) == MAX_TOKEN_BUDGET
+    assert type(parse_budget(float(2**20))) is int and type(parse_budget(1)) is float
 
 
 def test_unknown_policy_names_the_choices():
@@ -126,10 +153,31 @@ def test_a_request_config_keeps_the_servers_store_options():
     ({"policy": "snapkv"}, {"kv_budget": True}, "kv_budget: True is not a number"),
     ({}, {"kv_policy": "snapkv"}, "runs plain vLLM; start it with --kv-policy"),
     ({"policy": "quest", "budget": 64}, {"kv_budget": 0.5}, "kv_budget: .*set at start-up"),
+    ({"policy": "h2o"}, {"kv_budget": 1e308}, "kv_budget: 1e\\+308 is more tokens than any"),
+    ({"policy": "h2o"}, {"kv_budget": "1e20"}, "kv_budget: '1e20' is more tokens than any"),
+    ({"policy": "h2o"}, {"kv_budget": 10**24}, "kv_budget: 1000000000000000000000000 is more"),
+    ({"policy": "h2o"}, {"kv_budget": "abc"}, "kv_budget: 'abc' is not a number; allowed: a"),
+    ({"policy": "h2o"}, {"kv_budget": {"a": 1}}, "kv_budget: a dict is not a number"),
+    ({"policy": "h2o"}, {"kv_policy": ["h2o"]}, "kv_policy: a list is not a policy name; "
+                                                "allowed here: h2o"),
+    ({"policy": "h2o"}, {"kv_policy": "x" * 10_000}, "kv_policy: 'x{40}'\\.\\.\\. cannot run"),
+    ({"policy": "h2o"}, {"kv_window": 8}, "kv_window: set for the whole server at start-up "
+                                          "\\(--kv-window\\); a request may set kv_policy and"),
+    ({"policy": "h2o"}, {"kv_quant": "k4v4"}, "kv_quant: set for the whole server"),
 ])
 def test_request_options_the_server_cannot_honour_say_why(server, options, match):
     with pytest.raises(RequestOptionError, match=match):
         KVCompressConfig(**server).for_request(options)
+
+
+def test_token_budgets_stop_at_the_context_length():
+    server = KVCompressConfig(policy="h2o", budget=0.25)
+    assert server.for_request({"kv_budget": 1024}, max_tokens=1024).budget == 1024
+    assert server.for_request({"kv_budget": 0.5}, max_tokens=16).budget == 0.5
+    with pytest.raises(RequestOptionError, match="kv_budget: 1025 tokens is more than this model's "
+                       "context length \\(1024\\); allowed: .* from 16 to 1024") as err:
+        server.for_request({"kv_budget": 1025}, max_tokens=1024)
+    assert err.value.param == "kv_budget"
 
 
 def test_request_policies_are_built_once_per_choice():

@@ -158,7 +158,8 @@ class KVCompressor:
             self._logical[slot] = req.total_after
         step = StepPlan.build(requests, slots, self.num_kv_heads)
         self._step_has_policy = any(self._policies[int(slot)] is not None for slot in slots)
-        num_new = np.repeat([r.num_new for r in requests], self.num_kv_heads)
+        num_new = np.repeat(np.array([r.num_new for r in requests], dtype=np.int64),
+                            self.num_kv_heads)
         self.store.reserve(step.request_rows, num_new)
         self.step = step
         self.layers_run = 0
@@ -445,8 +446,10 @@ class KVCompressor:
             return
         heads = self.num_kv_heads
         rows = (step.slots[picked, None] * heads + np.arange(heads)).reshape(-1)
-        caps = np.repeat([self._plans[int(step.slots[i])].cap[layer] for i in picked], heads)
-        newest = np.repeat([step.requests[i].total_after - 1 for i in picked], heads)
+        caps = np.repeat(np.array([self._plans[int(step.slots[i])].cap[layer] for i in picked],
+                                  dtype=np.int64), heads)
+        newest = np.repeat(np.array([step.requests[i].total_after - 1 for i in picked],
+                                    dtype=np.int64), heads)
         over = self.store.lens[layer, rows] - caps
         sel = over > 0
         if not sel.any():

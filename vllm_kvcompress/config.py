@@ -14,6 +14,7 @@ The validated result travels to every vLLM process inside
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,23 +31,62 @@ from vllm_kvcompress.policies.quest import Quest
 ADDITIONAL_CONFIG_KEY = "kvcompress"
 # What one request may choose (HTTP extra_body fields, SamplingParams.extra_args keys).
 REQUEST_OPTIONS = ("kv_policy", "kv_budget")
+# Flags of the whole server: a request naming one hears so instead of being ignored.
+SERVER_OPTIONS = ("kv_window", "kv_quant", "kv_page_size", "kv_decode_budget", "kv_config")
 BUDGET_CHOICES = "a fraction in (0, 1] such as 0.25, or a token count >= 16 such as 512"
+# Above any context length, and within the int64 arrays the compressor builds from budgets.
+MAX_TOKEN_BUDGET = 2**31 - 1
+_MAX_NUMBER_TEXT = 32  # characters: longer strings are no budget
 
 
 class RequestOptionError(ValueError):
-    """A request's ``kv_policy`` / ``kv_budget`` that this server cannot honour."""
+    """A request's ``kv_policy`` / ``kv_budget`` that this server cannot honour.
+
+    The message starts with the option it is about (``kv_budget: ...``)."""
+
+    @property
+    def param(self) -> str | None:
+        name = str(self).partition(":")[0]
+        return name if name in (*REQUEST_OPTIONS, *SERVER_OPTIONS, "vllm_xargs") else None
+
+
+def show(value: Any) -> str:
+    """A client's value, short: it is echoed in error messages and logs."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+    if isinstance(value, (bool, float)) or value is None:
+        return repr(value)
+    if isinstance(value, int):  # repr of a huge int is slow, then refused past 4300 digits
+        bits = value.bit_length()
+        return repr(value) if bits <= 128 else f"an integer of {bits} bits"
+    return f"a {type(value).__name__}"
 
 
 def parse_budget(text: str | float | int) -> float | int:
-    """A fraction of the prompt in (0, 1], or a whole token count >= 16."""
-    value = float(text)
+    """A fraction of the prompt in (0, 1], or a whole token count in [16, MAX_TOKEN_BUDGET].
+
+    Bools, non-finite and oversized numbers are refused: a budget ends up in numpy
+    arrays of the compressor, where a huge Python int would not fit."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ValueError(f"{show(text)} is not a number")
+    value: float | int = text
+    if isinstance(text, str):
+        try:
+            value = float(text) if len(text) <= _MAX_NUMBER_TEXT else math.nan
+        except ValueError:
+            value = math.nan
+        if math.isnan(value):
+            raise ValueError(f"{show(text)} is not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{show(text)} is not a finite number")
     if 0 < value <= 1:
-        return value
-    if value >= 16 and value.is_integer():
+        return float(value)
+    if value > MAX_TOKEN_BUDGET:
+        raise ValueError(f"{show(text)} is more tokens than any context length "
+                         f"(at most {MAX_TOKEN_BUDGET})")
+    if value >= 16 and value == int(value):
         return int(value)
-    raise ValueError(
-        f"{text!r} is neither a fraction in (0, 1] nor a whole token count >= 16"
-    )
+    raise ValueError(f"{show(text)} is neither a fraction in (0, 1] nor a whole token count >= 16")
 
 
 class KVCompressConfig(BaseModel):
@@ -168,12 +208,21 @@ class KVCompressConfig(BaseModel):
         return [name for name in policy_names() if name != "quest" and runtime_traits(
             None if name == "none" else build_policy(name)) == server]
 
-    def for_request(self, options: Mapping[str, Any] | None) -> KVCompressConfig:
+    def for_request(self, options: Mapping[str, Any] | None, *,
+                    max_tokens: int | None = None) -> KVCompressConfig:
         """The config one request runs with: this one, with its ``kv_policy`` and
-        ``kv_budget`` when given. Raises :class:`RequestOptionError` naming the option,
-        the reason and what is allowed."""
-        chosen = {key: options[key] for key in REQUEST_OPTIONS
-                  if options is not None and options.get(key) is not None}
+        ``kv_budget`` when given; ``max_tokens``, the model's context length, bounds a
+        token budget. The one check of request options, wherever they come from (HTTP
+        fields, ``vllm_xargs``, offline ``extra_args``). Raises :class:`RequestOptionError`
+        naming the option, the reason and what is allowed."""
+        if not options:
+            return self
+        for key in SERVER_OPTIONS:
+            if options.get(key) is not None:
+                raise RequestOptionError(
+                    f"{key}: set for the whole server at start-up (--{key.replace('_', '-')}); "
+                    f"a request may set {' and '.join(REQUEST_OPTIONS)}")
+        chosen = {key: options[key] for key in REQUEST_OPTIONS if options.get(key) is not None}
         if not chosen:
             return self
         allowed = self.request_policies()
@@ -182,6 +231,9 @@ class KVCompressConfig(BaseModel):
                 f"{'/'.join(chosen)}: this server runs plain vLLM; start it with --kv-policy "
                 "to let requests choose compression")
         policy = chosen.get("kv_policy", self.policy)
+        if not isinstance(policy, str):
+            raise RequestOptionError(f"kv_policy: {show(policy)} is not a policy name; allowed "
+                                     f"here: {', '.join(allowed)}")
         if policy == "quest" == self.policy:
             raise RequestOptionError(
                 "kv_budget: this server's budget is what Quest reads at every decode step, set "
@@ -191,17 +243,19 @@ class KVCompressConfig(BaseModel):
                    "Quest's page selection is set for the whole server" if policy == "quest" else
                    f"it needs other page metadata or decode work than {self.policy!r}")
             raise RequestOptionError(
-                f"kv_policy: {policy!r} cannot run on this server ({why}); allowed here: "
+                f"kv_policy: {show(policy)} cannot run on this server ({why}); allowed here: "
                 f"{', '.join(allowed)}")
         budget = self.budget
         if "kv_budget" in chosen:
-            raw = chosen["kv_budget"]
             try:
-                if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-                    raise ValueError(f"{raw!r} is not a number")
-                budget = parse_budget(raw)
+                budget = parse_budget(chosen["kv_budget"])
             except ValueError as exc:
                 raise RequestOptionError(f"kv_budget: {exc}; allowed: {BUDGET_CHOICES}") from None
+            if isinstance(budget, int) and max_tokens is not None and budget > max_tokens:
+                raise RequestOptionError(
+                    f"kv_budget: {budget} tokens is more than this model's context length "
+                    f"({max_tokens}); allowed: a fraction in (0, 1], or a token count from 16 "
+                    f"to {max_tokens}")
         data = {**self.model_dump(), "policy": policy, "budget": budget, "quant": self.page_format}
         if policy != self.policy:
             data |= {"policy_args": {}, "decode_budget": self.quest_budget}

@@ -2,8 +2,8 @@
 
 It wraps three ``EngineArgs`` methods (see ``vllm.args``), vLLM's stat
 logger manager (see ``vllm.metrics``) and its input processor's parameter
-check (see ``vllm.request_options``), and adds one ASGI middleware to
-``vllm serve``; the scheduler, worker and attention
+check (see ``vllm.request_options``), and adds one ASGI middleware to the app
+of ``vllm serve``, inside its authentication; the scheduler, worker and attention
 backend are named in the engine config and loaded by vLLM itself where they
 run. Registration is idempotent.
 """
@@ -11,6 +11,7 @@ run. Registration is idempotent.
 from __future__ import annotations
 
 import functools
+import sys
 
 _MARK = "_kvcompress_wrapped"
 
@@ -33,7 +34,8 @@ def register() -> None:
     @functools.wraps(from_cli_args)
     def _from_cli_args(cls, parsed, *a, **kw):
         engine_args = from_cli_args(cls, parsed, *a, **kw)
-        _add_middleware(parsed)
+        if hasattr(parsed, "middleware"):  # the flags of `vllm serve`, which builds an app
+            _wrap_app_middleware()
         config = args.config_from_args(parsed)
         if config is not None:
             engine_args.additional_config = args.with_config(engine_args.additional_config, config)
@@ -53,15 +55,56 @@ def register() -> None:
     EngineArgs.create_engine_config = _create_engine_config
     _wrap_stat_loggers()
     _wrap_param_check()
+    if _LAUNCHER in sys.modules:  # an API server process, whichever way it started
+        _wrap_app_middleware()
 
 
-def _add_middleware(parsed) -> None:
-    """``vllm serve`` builds its app from these parsed flags after the engine args."""
-    from vllm_kvcompress.vllm.request_options import MIDDLEWARE
+_LAUNCHER = "vllm.entrypoints.launchers.app"
 
-    middleware = getattr(parsed, "middleware", None)
-    if isinstance(middleware, list) and MIDDLEWARE not in middleware:
-        parsed.middleware = [*middleware, MIDDLEWARE]
+
+def _wrap_app_middleware() -> None:
+    """Our request-option middleware in the app ``vllm serve`` builds, inside
+    authentication and CORS, when compression is on.
+
+    vLLM (0.32) adds CORS, then ``--api-key`` authentication, then each ``--middleware``
+    entry with Starlette's ``add_middleware``, which puts each outside the ones before:
+    a ``--middleware`` entry would read bodies of unauthenticated clients. Appended after
+    them, ours is innermost: it sees only authenticated requests, and its answers get
+    CORS headers.
+    """
+    import importlib
+
+    launcher = importlib.import_module(_LAUNCHER)
+    init = launcher.init_entrypoints_middleware
+    if getattr(init, _MARK, False):
+        return
+
+    @functools.wraps(init)
+    def _init(parsed, app, *a, **kw):
+        init(parsed, app, *a, **kw)
+        if _serves_compressed(parsed):
+            from starlette.middleware import Middleware
+
+            from vllm_kvcompress.vllm.request_options import KVRequestOptions
+
+            app.user_middleware.append(Middleware(KVRequestOptions))
+
+    setattr(_init, _MARK, True)
+    launcher.init_entrypoints_middleware = _init
+
+
+def _serves_compressed(parsed) -> bool:
+    """Whether these ``vllm serve`` flags turn compression on (``--kv-*`` or
+    ``--additional-config``); without it the HTTP path stays vLLM's own."""
+    from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.vllm import args
+
+    try:
+        config = args.config_from_args(parsed) or KVCompressConfig.from_additional_config(
+            getattr(parsed, "additional_config", None))
+    except (ValueError, TypeError, SystemExit):  # reported by the engine's own config step
+        return False
+    return config.enabled
 
 
 def _wrap_param_check() -> None:
