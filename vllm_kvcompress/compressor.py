@@ -16,6 +16,7 @@ keeps decode at budget then evicts the slots it ranks lowest.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,8 @@ from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy, runtime_traits
 from vllm_kvcompress.policies.quest import Quest, page_bounds, select_pages
+
+logger = logging.getLogger("vllm.kvcompress")
 
 
 def _decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
@@ -120,10 +123,15 @@ class KVCompressor:
         self._logical: dict[int, int] = {}  # slot -> tokens the request holds uncompressed
         # Per-head policies: prompt tokens kept per [layer][head], for the scheduler.
         self._kept_rows: dict[str, np.ndarray] = {}
+        # Requests whose compression or attention raised: the reason, until taken (the
+        # scheduler ends them with an error), and the ids, until released.
+        self.failures: dict[str, str] = {}
+        self._failed: set[str] = set()
 
     # -- request lifecycle ---------------------------------------------------
     def release(self, req_ids) -> None:
         for req_id in req_ids:
+            self._failed.discard(req_id)
             slot = self.store.slot_of(req_id)
             if slot is None:
                 continue
@@ -147,10 +155,16 @@ class KVCompressor:
                 slot = None
             if slot is None:
                 slot = self.store.open(req.req_id)
-                policy = self.policy if policy_of is None else policy_of(req.req_id)
-                if runtime_traits(policy) != runtime_traits(self.policy):
-                    raise ValueError(f"request {req.req_id}: policy {policy} cannot share a store "
-                                     f"with {self.policy}")
+                policy = None
+                if req.req_id not in self._failed:  # a failed request runs on uncompressed
+                    try:
+                        policy = self.policy if policy_of is None else policy_of(req.req_id)
+                        if runtime_traits(policy) != runtime_traits(self.policy):
+                            raise ValueError(f"policy {policy} cannot share a store with "
+                                             f"{self.policy}")
+                    except Exception as exc:  # noqa: BLE001  one request's, not the engine's
+                        policy = None
+                        self._record_failure(req.req_id, exc)
                 self._policies[slot] = policy
                 self._plans[slot] = (plan_layers(policy, req.prompt_len, self.num_layers)
                                      if policy is not None else None)
@@ -172,7 +186,50 @@ class KVCompressor:
         return "torch" if kernel is None else kernel.__module__.split(".")[2]
 
     def end_step(self) -> None:
+        """Close the step; requests that failed in it give their pages back at once."""
         self.step = None
+        failed = [req_id for req_id in self._failed if self.store.slot_of(req_id) is not None]
+        self.release(failed)
+        self._failed.update(failed)  # until the scheduler has ended them
+
+    def take_failures(self) -> dict[str, str]:
+        """Requests that failed since the last call, with the reason."""
+        failures, self.failures = self.failures, {}
+        return failures
+
+    def _record_failure(self, req_id: str, exc: BaseException) -> None:
+        if req_id not in self._failed:
+            logger.exception("kvcompress: request %s failed in the compressor; it ends with an "
+                             "error, the others go on", req_id, exc_info=exc)
+            self.failures[req_id] = f"{type(exc).__name__}: {exc}"[:500]
+            self._failed.add(req_id)
+
+    def _fail(self, step: StepPlan, i: int, exc: BaseException) -> None:
+        """Request ``i`` of the step failed: no more policy work for it; pages back at step end."""
+        self._record_failure(step.requests[i].req_id, exc)
+        self._policies[int(step.slots[i])] = None
+
+    def _isolated(self, step: StepPlan, indices, run: Callable) -> None:
+        """``run(indices)`` for requests of the step, isolating the ones that raise.
+
+        ``run`` must change nothing before it can no longer fail (compute, then
+        apply), so a failed batch is simply run again one request at a time.
+        """
+        indices = [int(i) for i in indices
+                   if step.requests[int(i)].req_id not in self._failed]
+        if not indices:
+            return
+        try:
+            run(indices)
+        except Exception as exc:  # noqa: BLE001  one request's, not the engine's
+            if len(indices) == 1:
+                self._fail(step, indices[0], exc)
+                return
+            for i in indices:
+                try:
+                    run([i])
+                except Exception as single:  # noqa: BLE001
+                    self._fail(step, i, single)
 
     def take_kept_rows(self) -> dict[str, list[list[int]]]:
         """Exact kept counts of prompts compressed since the last call (per-head policies)."""
@@ -205,16 +262,21 @@ class KVCompressor:
         lens[request_rows] += np.repeat([r.num_new for r in step.requests], self.num_kv_heads)
 
         need_mass = self.policy is not None and self.policy.needs_attention_mass
-        out = torch.empty_like(query)
+        out = torch.zeros_like(query)  # a failed request's rows stay zero
         if layer in self._key_sources and len(step.decode):
             self._source_queries[layer] = query[step.decode_tokens]  # for its group's layers
-        if len(step.decode):
-            self._attend_decode(layer, step, query, scale, need_mass, out)
+        # Each piece of work isolates the requests it fails for (see _isolated).
+        self._isolated(step, step.decode, lambda picked: self._attend_decode(
+            layer, step, picked, query, scale, need_mass, out))
         for i in step.chunks:
-            self._attend_chunk(layer, step, int(i), query, key, value, scale, need_mass, out)
+            self._isolated(step, [i], lambda picked: self._attend_chunk(
+                layer, step, picked[0], query, key, value, scale, need_mass, out))
         if self._step_has_policy:
-            self._observe(layer, step, query)
-            self._compress(layer, step, scale)
+            for i in range(len(step.requests)):
+                self._isolated(step, [i], lambda picked: self._observe(layer, step, picked[0],
+                                                                       query))
+                self._isolated(step, [i], lambda picked: self._compress(layer, step, picked[0],
+                                                                        scale))
             if self.policy is not None and self.policy.decode_capped:
                 self._evict(layer, step)
         return out
@@ -222,44 +284,51 @@ class KVCompressor:
     def _rows(self, slot: int) -> np.ndarray:
         return self.store.rows(slot)
 
-    def _attend_decode(self, layer, step, query, scale, need_mass, out) -> None:
-        rows = step.slots[step.decode, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
+    def _attend_decode(self, layer, step, picked, query, scale, need_mass, out) -> None:
+        """Attention of the decoding requests ``picked`` (batch indices) over their pages.
+
+        Computes first and writes (output, attention mass, statistics) last, so that a
+        failure leaves nothing half done (see :meth:`_isolated`).
+        """
+        picked = np.asarray(picked, dtype=np.int64)
+        tokens = torch.from_numpy(step.starts[picked])
+        rows = step.slots[picked, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
         flat = rows.reshape(-1)
-        batch, heads = len(step.decode), self.num_kv_heads
+        batch, heads = len(picked), self.num_kv_heads
         lens = torch.from_numpy(self.store.lens[layer, rows])
         held = int(lens.sum())
-        self.stats.decode_tokens_held += held
         if self.selector is not None:
-            read = self._attend_selected(layer, flat, query[step.decode_tokens], lens.flatten(),
-                                         scale)
+            read = self._attend_selected(layer, flat, query[tokens], lens.flatten(), scale)
             if read is not None:
-                out[step.decode_tokens], tokens_read = read
+                out[tokens], tokens_read = read
+                self.stats.decode_tokens_held += held
                 self.stats.decode_tokens_read += tokens_read
                 return
         shared = self._shared_counts(layer, flat)
         if self._paged_decode is not None and not need_mass and shared is None:
+            out[tokens] = self._decode_in_place(layer, flat, query[tokens], scale)
+            self.stats.decode_tokens_held += held
             self.stats.decode_tokens_read += held
-            out[step.decode_tokens] = self._decode_in_place(layer, flat, query[step.decode_tokens],
-                                                            scale)
             return
         keys, values = self.store.gather(layer, flat, scratch=True)  # consumed before the next
         visible = logits = None
         if shared is not None:
+            source_rows = np.searchsorted(step.decode, picked)  # their rows of the source query
             keys, values, visible, logits = self._prepend_distant(
-                layer, flat, shared, keys, values, lens.view(-1), scale)
+                layer, flat, shared, keys, values, lens.view(-1), scale, source_rows)
             visible = visible.view(batch, heads, -1)
             held += int(shared.sum())
-            self.stats.decode_tokens_held += int(shared.sum())
-        self.stats.decode_tokens_read += held
         counts = None
         if "count" in self.store.parts:
             counts = self.store.gather_slot_metadata(layer, flat, "count").view(batch, heads, -1)
         result, mass = decode_attention(
-            query[step.decode_tokens], keys.view(batch, heads, *keys.shape[1:]),
+            query[tokens], keys.view(batch, heads, *keys.shape[1:]),
             values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
             visible=visible, counts=counts, logits=logits,
         )
-        out[step.decode_tokens] = result
+        out[tokens] = result
+        self.stats.decode_tokens_held += held
+        self.stats.decode_tokens_read += held
         if mass is not None:
             self.store.add_mass(layer, flat, mass.flatten(0, 1))
 
@@ -280,7 +349,7 @@ class KVCompressor:
             return None
         return value_lens[layer, rows]
 
-    def _prepend_distant(self, layer, rows, shared, keys, values, lens, scale):
+    def _prepend_distant(self, layer, rows, shared, keys, values, lens, scale, source_rows):
         """Put a shared-key layer's distant tokens in front of its own slots.
 
         They are scored as the key-source layer scores them (its query, its keys)
@@ -291,7 +360,7 @@ class KVCompressor:
         source = self.policy.key_source(layer)
         # The source row holds the same distant tokens, in the same order, after its sinks.
         distant = self.store.gather(source, rows)[0][:, start:start + count]
-        source_q = self._source_queries[source]  # [B, Hq, D]
+        source_q = self._source_queries[source][torch.from_numpy(source_rows)]  # [B, Hq, D]
         batch, heads = source_q.shape[0], self.num_kv_heads
         scores = torch.einsum("bhgd,bhtd->bhgt", source_q.view(batch, heads, -1, distant.shape[-1]),
                               distant.view(batch, heads, count, -1)).reshape(batch, -1, count)
@@ -350,55 +419,56 @@ class KVCompressor:
             self.store.add_mass(layer, rows, mass)
 
     # -- compression ---------------------------------------------------------
-    def _observe(self, layer, step, query) -> None:
-        """Keep the last ``window`` prompt queries of prefilling requests."""
-        for i, req in enumerate(step.requests):
-            slot = int(step.slots[i])
-            policy = self._policies[slot]
-            if not req.in_prefill or policy is None:
-                continue
-            window = policy.window
-            count = min(req.num_new, req.prompt_len - req.computed_before)
-            start = int(step.starts[i])
-            recent = query[start:start + count][-window:].transpose(0, 1)  # [Hq, w, D]
-            buffers = self._windows.setdefault(slot, [None] * self.num_layers)
-            old = buffers[layer]
-            merged = recent if old is None else torch.cat([old, recent], dim=1)[:, -window:]
-            buffers[layer] = merged.clone()
+    def _observe(self, layer, step, i, query) -> None:
+        """Keep the last ``window`` prompt queries of request ``i`` while it prefills."""
+        req, slot = step.requests[i], int(step.slots[i])
+        policy = self._policies[slot]
+        if not req.in_prefill or policy is None:
+            return
+        window = policy.window
+        count = min(req.num_new, req.prompt_len - req.computed_before)
+        start = int(step.starts[i])
+        recent = query[start:start + count][-window:].transpose(0, 1)  # [Hq, w, D]
+        buffers = self._windows.setdefault(slot, [None] * self.num_layers)
+        old = buffers[layer]
+        merged = recent if old is None else torch.cat([old, recent], dim=1)[:, -window:]
+        buffers[layer] = merged.clone()
 
-    def _compress(self, layer, step, scale) -> None:
-        for i, req in enumerate(step.requests):
-            slot = int(step.slots[i])
-            policy = self._policies[slot]
-            if not req.ends_prefill or policy is None:
-                continue
-            rows = self._rows(slot)
-            plan = self._plans[slot]
-            budget, prompt_len = plan.kept[layer], req.prompt_len
-            buffers = self._windows.get(slot)
-            window = buffers[layer] if buffers else None
-            if buffers:
-                buffers[layer] = None
-                if layer == self.num_layers - 1:
-                    self._windows.pop(slot, None)
+    def _compress(self, layer, step, i, scale) -> None:
+        """Compress layer ``layer`` of request ``i`` if its prefill ends in this step."""
+        req, slot = step.requests[i], int(step.slots[i])
+        policy = self._policies[slot]
+        if not req.ends_prefill or policy is None:
+            return
+        rows = self._rows(slot)
+        plan = self._plans[slot]
+        budget, prompt_len = plan.kept[layer], req.prompt_len
+        buffers = self._windows.get(slot)
+        window = buffers[layer] if buffers else None
+        if buffers:
+            buffers[layer] = None
+            if layer == self.num_layers - 1:
+                self._windows.pop(slot, None)
+        if budget >= prompt_len:
             self.stats.prompt_tokens += prompt_len * len(rows)
-            if budget >= prompt_len:
-                self._report(req, policy, layer, np.full(len(rows), prompt_len))
-                self._share_keys(layer, rows, plan)
-                continue
-            # Gathered at most once, and only when scoring or merging needs the keys.
-            inputs = functools.cache(
-                lambda: self._inputs(policy, layer, rows, prompt_len, window, scale))
-            keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool)
-            chosen = self._select(policy, slot, layer, budget, inputs)
-            keep[:, :prompt_len] = chosen
-            merged = policy.merge(inputs(), chosen) if policy.needs_counts else None
-            new_lens = self.store.compact(layer, rows, keep)
-            if merged is not None:
-                self.store.rewrite(layer, rows, *merged)
-            self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
-            self._report(req, policy, layer, new_lens - (req.total_after - prompt_len))
+            self._report(req, policy, layer, np.full(len(rows), prompt_len))
             self._share_keys(layer, rows, plan)
+            return
+        # Gathered at most once, and only when scoring or merging needs the keys.
+        inputs = functools.cache(
+            lambda: self._inputs(policy, layer, rows, prompt_len, window, scale))
+        keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool)
+        chosen = self._select(policy, slot, layer, budget, inputs)
+        keep[:, :prompt_len] = chosen
+        merged = policy.merge(inputs(), chosen) if policy.needs_counts else None
+        # Scoring is done: from here on the pages change.
+        self.stats.prompt_tokens += prompt_len * len(rows)
+        new_lens = self.store.compact(layer, rows, keep)
+        if merged is not None:
+            self.store.rewrite(layer, rows, *merged)
+        self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
+        self._report(req, policy, layer, new_lens - (req.total_after - prompt_len))
+        self._share_keys(layer, rows, plan)
 
     def _share_keys(self, layer: int, rows: np.ndarray, plan: LayerPlan) -> None:
         """PoD: keep only the values of the distant tokens whose keys the source layer holds."""
@@ -438,12 +508,41 @@ class KVCompressor:
             rows[layer] = kept
 
     def _evict(self, layer, step) -> None:
-        """Bring decode-capped rows back to their cap, lowest-ranked slots first."""
-        picked = [
-            i for i, req in enumerate(step.requests) if req.total_after >= req.prompt_len
-        ]
-        if not picked:
+        """Bring decode-capped rows back to their cap, lowest-ranked slots first.
+
+        Each request's own policy ranks its slots (requests sharing a policy object
+        together); the ranking is isolated per request, the pages change once.
+        """
+        groups: dict[int, list[int]] = {}
+        for i, req in enumerate(step.requests):
+            policy = self._policies[int(step.slots[i])]
+            if policy is not None and policy.decode_capped and req.total_after >= req.prompt_len:
+                groups.setdefault(id(policy), []).append(i)
+        ranked: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
+        for picked in groups.values():
+            self._isolated(step, picked, lambda chosen: ranked.append(
+                self._rank_for_eviction(layer, step, chosen)))
+        if not ranked:
             return
+        rows = np.concatenate([r for r, _, _ in ranked])
+        over = np.concatenate([o for _, o, _ in ranked])
+        if not len(rows):
+            return
+        width = max(s.shape[1] for _, _, s in ranked)
+        scores = torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1]), value=PROTECTED)
+                            for _, _, s in ranked])
+        if over.max() == 1:
+            self.store.evict_one(layer, rows, scores.argmin(dim=1).numpy())
+        else:
+            rank = scores.argsort(dim=1).argsort(dim=1)
+            self.store.compact(layer, rows, rank >= torch.from_numpy(over).unsqueeze(1))
+        self.stats.evicted_tokens += int(over.sum())
+
+    def _rank_for_eviction(self, layer, step, picked) -> tuple[np.ndarray, np.ndarray,
+                                                                 torch.Tensor]:
+        """Rows of requests ``picked`` (one policy) over their cap, how far over, and
+        their slots' scores [R, S] (empty slots protected). Changes nothing."""
+        policy = self._policies[int(step.slots[picked[0]])]
         heads = self.num_kv_heads
         rows = (step.slots[picked, None] * heads + np.arange(heads)).reshape(-1)
         caps = np.repeat(np.array([self._plans[int(step.slots[i])].cap[layer] for i in picked],
@@ -452,21 +551,15 @@ class KVCompressor:
                                     dtype=np.int64), heads)
         over = self.store.lens[layer, rows] - caps
         sel = over > 0
-        if not sel.any():
-            return
         rows, caps, newest, over = rows[sel], caps[sel], newest[sel], over[sel]
+        if not len(rows):
+            return rows, over, torch.empty(0, 0)
         positions = self.store.gather_slot_metadata(layer, rows, "pos")
         mass = (self.store.gather_slot_metadata(layer, rows, "mass")
-                if self.policy.needs_attention_mass else torch.zeros_like(positions, dtype=torch.float32))
-        scores = self.policy.slot_scores(
+                if policy.needs_attention_mass else torch.zeros_like(positions, dtype=torch.float32))
+        scores = policy.slot_scores(
             positions, mass, torch.from_numpy(newest), torch.from_numpy(caps)
         ).float()
         lens = torch.from_numpy(self.store.lens[layer, rows])
         empty = torch.arange(scores.shape[1]) >= lens.unsqueeze(1)
-        scores = scores.masked_fill(empty, PROTECTED)
-        if over.max() == 1:
-            self.store.evict_one(layer, rows, scores.argmin(dim=1).numpy())
-        else:
-            rank = scores.argsort(dim=1).argsort(dim=1)
-            self.store.compact(layer, rows, rank >= torch.from_numpy(over).unsqueeze(1))
-        self.stats.evicted_tokens += int(over.sum())
+        return rows, over, scores.masked_fill(empty, PROTECTED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -205,10 +207,94 @@ def test_requests_with_their_own_policies_share_a_batch(fmt):
 
 
 def test_a_request_policy_must_share_the_servers_store():
+    """A policy that cannot share the store fails its request, uncompressed, not the step."""
     comp = make(build_policy("snapkv", budget=0.25, window=4, sink_tokens=2))
     h2o = build_policy("h2o", budget=0.25, window=4, sink_tokens=2)
-    with pytest.raises(ValueError, match="cannot share a store"):
-        comp.begin_step([StepRequest("r0", 0, 8, 8)], lambda req_id: h2o)
+    comp.begin_step([StepRequest("r0", 0, 8, 8), StepRequest("r1", 0, 8, 8)],
+                    lambda req_id: h2o if req_id == "r0" else None)
+    assert "cannot share a store" in comp.take_failures()["r0"]
+    assert comp._policies[comp.store.slot_of("r0")] is None
+
+
+class Faulty:
+    """Makes one request's policy raise in ``method`` (a test's fault injection)."""
+
+    def __init__(self, policy, method: str, victim: str):
+        self.policy, self.method, self.victim = policy, method, victim
+
+    def __call__(self, req_id: str):
+        if req_id != self.victim:
+            return self.policy
+        faulty = copy.copy(self.policy)
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("injected fault")
+
+        setattr(faulty, self.method, boom)
+        return faulty
+
+
+@pytest.mark.parametrize("name,method", [("snapkv", "select"), ("h2o", "select"),
+                                         ("h2o", "slot_scores"), ("streamingllm", "slot_scores")])
+def test_a_policy_failing_for_one_request_ends_only_that_request(name, method):
+    """The other requests' outputs are exactly those of a run without the faulty one, and
+    the faulty request's pages come back at the end of the step it failed in."""
+    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2)
+
+    def outputs(with_victim: bool):
+        gen = torch.Generator().manual_seed(3)
+        seqs = [Sequence(f"r{i}", 60, 90, gen) for i in range(3)]
+        comp = make(policy, page_size=4)
+        batch = seqs if with_victim else [s for s in seqs if s.req_id != "r1"]
+        # The same schedule either way: prompts in two chunks, then one token a step.
+        for done, new in [(0, 30), (30, 30), *((t, 1) for t in range(60, 90))]:
+            reqs = [StepRequest(s.req_id, done, new, 60) for s in batch]
+            comp.begin_step(reqs, Faulty(policy, method, "r1"))
+            for layer in range(LAYERS):
+                out = comp.forward_layer(
+                    layer, *(torch.cat([getattr(s, x)[layer, done:done + new] for s in batch])
+                             for x in "qkv"), DIM ** -0.5)
+                for s, piece in zip(batch, out.split(new)):
+                    s.out[layer, done:done + new] = piece
+            comp.end_step()
+        comp.release([s.req_id for s in batch])
+        return comp, {s.req_id: s.out for s in batch}
+
+    comp, faulty = outputs(True)
+    _, clean = outputs(False)
+    failures = comp.take_failures()
+    assert list(failures) == ["r1"] and "injected fault" in failures["r1"]
+    for req_id in ("r0", "r2"):
+        torch.testing.assert_close(faulty[req_id], clean[req_id], rtol=0, atol=0)
+    assert comp.store.pool.num_used == 0
+
+
+def test_a_failed_request_gives_its_pages_back_and_runs_on_uncompressed():
+    policy = build_policy("snapkv", budget=0.25, window=4, sink_tokens=2)
+    comp = make(policy, page_size=4)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [Sequence(f"r{i}", 40, 41, gen) for i in range(2)]
+    step = [StepRequest(s.req_id, 0, 40, 40) for s in seqs]
+    comp.begin_step(step, Faulty(policy, "select", "r1"))
+    for layer in range(LAYERS):
+        out = comp.forward_layer(layer, torch.cat([s.q[layer, :40] for s in seqs]),
+                                 torch.cat([s.k[layer, :40] for s in seqs]),
+                                 torch.cat([s.v[layer, :40] for s in seqs]), DIM ** -0.5)
+        torch.testing.assert_close(out[:40], seqs[0].dense(layer, 0, 40, DIM ** -0.5))
+    held_before = comp.store.pool.num_used
+    comp.end_step()
+    assert comp.store.slot_of("r1") is None and comp.store.pool.num_used < held_before
+    assert list(comp.take_failures()) == ["r1"]
+    # With async scheduling the failed request may be scheduled once more before the
+    # scheduler ends it: it gets a fresh, uncompressed slot.
+    comp.begin_step([StepRequest("r0", 40, 1, 40), StepRequest("r1", 40, 1, 40)])
+    assert comp._policies[comp.store.slot_of("r1")] is None
+    for layer in range(LAYERS):
+        comp.forward_layer(layer, *(torch.cat([getattr(s, x)[layer, 40:41] for s in seqs])
+                                    for x in "qkv"), DIM ** -0.5)
+    comp.end_step()
+    comp.release(["r0", "r1"])
+    assert comp.store.pool.num_used == 0 and not comp.take_failures()
 
 
 @pytest.mark.parametrize("reuse", [1, 2])

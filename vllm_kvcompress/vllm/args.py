@@ -135,9 +135,12 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
             logger.info("kvcompress: CUDA graphs off (--enforce-eager): the compressor "
                         "decides pages on the host at every step")
             engine_args.enforce_eager = True
-        if getattr(engine_args, "enable_extensible_kv_cache", None):
-            # vLLM 0.34's extensible KV cache treats its block count as a capacity to grow
-            # into; the page store needs the bytes it is handed up front.
+        if hasattr(engine_args, "enable_extensible_kv_cache"):
+            # vLLM 0.34's extensible KV cache (on by default on CUDA) treats its block count
+            # as a capacity committed later; the page store needs its bytes up front.
+            if engine_args.enable_extensible_kv_cache:
+                logger.info("kvcompress: the extensible KV cache is off: the page store takes "
+                            "the whole KV space at start-up")
             engine_args.enable_extensible_kv_cache = False
     if engine_args.block_size is None:
         # vLLM blocks are only units of account for our pages; small ones round a
@@ -163,6 +166,11 @@ def finish_vllm_config(vllm_config, config: KVCompressConfig) -> None:
         # blocks it would read or fill hold nothing while the page store holds the KV.
         raise ValueError("kvcompress: KV-transfer connectors (--kv-transfer-config, "
                          "disaggregated prefill, --kv-offloading-size) are not supported")
+    max_len = vllm_config.model_config.max_model_len
+    for flag, value in (("--kv-budget", config.budget), ("--kv-decode-budget", config.decode_budget)):
+        if value is not None and value > 1 and value > max_len:
+            raise ValueError(f"kvcompress: {flag} {value} tokens is more than the model's context "
+                             f"length ({max_len}); give at most {max_len} tokens or a fraction")
     scheduler = vllm_config.scheduler_config
     scheduler.scheduler_cls = ASYNC_SCHEDULER if scheduler.async_scheduling else SCHEDULER
     parallel = vllm_config.parallel_config

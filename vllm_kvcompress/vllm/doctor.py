@@ -53,7 +53,8 @@ def report(model: str, serve_args: list[str]) -> tuple[list[tuple[str, str]], bo
     engine_args = EngineArgs.from_cli_args(parsed)
     vllm_config = engine_args.create_engine_config()
     device = "cpu" if current_platform.is_cpu() else "cuda"
-    use_v2 = vllm_config.use_v2_model_runner
+    # vLLM 0.34 dropped the switch with the V1 runner: V2 is all there is.
+    use_v2 = getattr(vllm_config, "use_v2_model_runner", True)
     if device == "cpu":
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner as runner_cls
 
