@@ -28,6 +28,7 @@ class WorkerStats:
     """What one step of the worker reports (deltas and current values)."""
 
     prompt_tokens: float = 0.0  # delta: prompt tokens that went through the policy
+    request_errors: float = 0.0  # delta: requests ended with an error by the compressor
     evicted_tokens: float = 0.0  # delta: tokens evicted (prefill end and decode)
     decode_tokens_held: float = 0.0  # delta: tokens decode attention could read
     decode_tokens_read: float = 0.0  # delta: tokens it read (fewer under Quest)
@@ -41,12 +42,16 @@ class WorkerStats:
     # Once the start-up self-check passed: what serves the requests (runner, decode
     # kernel path, page format), the labels of ``kvcompress_engaged``.
     engaged: dict = field(default_factory=dict)
+    # Requests whose compression or attention failed in this step, with the reason:
+    # the scheduler ends them with an error.
+    failed: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-DELTAS = ("prompt_tokens", "evicted_tokens", "decode_tokens_held", "decode_tokens_read")
+DELTAS = ("prompt_tokens", "evicted_tokens", "decode_tokens_held", "decode_tokens_read",
+          "request_errors")
 ENGAGED_LABELS = ("runner", "decode_path", "page_format")
 
 
@@ -61,7 +66,9 @@ class SchedulerMetrics:
         if not stats:
             return
         update = WorkerStats(**{k: v for k, v in stats.items()
-                                if k != "kept_rows" and k in WorkerStats.__dataclass_fields__})
+                                if k not in ("kept_rows", "failed")
+                                and k in WorkerStats.__dataclass_fields__})
+        update.request_errors = float(len(stats.get("failed") or ()))
         for name in DELTAS:
             setattr(self.pending, name, getattr(self.pending, name) + getattr(update, name))
         for name in ("tokens_held", "tokens_logical", "pages_used", "pages_total", "engaged"):
@@ -98,6 +105,10 @@ def _series():
             "decode_tokens_read": Counter(
                 "kvcompress_decode_tokens_read",
                 "Tokens decode attention read: fewer than held when Quest selects pages", labels),
+            "request_errors": Counter(
+                "kvcompress_request_errors",
+                "Requests ended with an error because compressing or attending their KV "
+                "failed (the other requests go on)", labels),
             "tokens_held": Gauge(
                 "kvcompress_tokens_kept",
                 "Tokens held in KV pages by running requests (full-token equivalents)", labels,

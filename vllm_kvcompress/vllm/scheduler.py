@@ -17,6 +17,7 @@ holds more pages than the blocks reserved here pay for.
 
 from __future__ import annotations
 
+from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -24,6 +25,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_kvcompress.config import KVCompressConfig, RequestPolicies
 from vllm_kvcompress.paging.accounting import BlockGeometry, plan_layers, request_pages_bound
 from vllm_kvcompress.vllm.metrics import STATS_KEY, SchedulerMetrics
+
+logger = init_logger("vllm.kvcompress")
 
 
 class CompressedKVCacheManager(KVCacheManager):
@@ -140,7 +143,24 @@ class _KVCompressSchedulerMixin:
         if stats:
             self.kv_cache_manager.adopt_kept_rows(stats.get("kept_rows", {}))
         self.kvcompress_metrics.add_worker_stats(stats)
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if stats and stats.get("failed"):
+            self._end_failed(stats["failed"], outputs)
+        return outputs
+
+    def _end_failed(self, failed: dict[str, str], outputs: dict) -> None:
+        """End requests the compressor failed for with an error, as vLLM ends its own."""
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+        from vllm.v1.request import RequestStatus
+
+        for req_id, reason in failed.items():
+            logger.error("kvcompress: request %s ends with an error: %s", req_id, reason)
+        for request in self.finish_requests(failed, RequestStatus.FINISHED_ERROR):
+            client = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            client.outputs.append(EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=[],
+                finish_reason=request.get_finished_reason(),
+            ))
 
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)

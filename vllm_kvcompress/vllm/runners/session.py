@@ -44,6 +44,22 @@ logger = init_logger("vllm.kvcompress")
 # triton to run the CUDA path's kernel under Triton's interpreter on a CPU).
 DECODE_KERNEL_ENV = "KVCOMPRESS_DECODE_KERNEL"
 DECODE_KERNELS = ("triton", "cpu", "torch")
+# Test-only fault injection: with KVCOMPRESS_TEST_FAULTS=1, a request whose vllm_xargs
+# hold kvcompress_test_fault: select | slot_scores gets a policy that raises there.
+FAULTS_ENV = "KVCOMPRESS_TEST_FAULTS"
+FAULT_KEY = "kvcompress_test_fault"
+FAULT_METHODS = ("select", "slot_scores")
+
+
+def _faulty(policy, method: str):
+    faulty = copy.copy(policy)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"injected fault in {type(policy).__name__}.{method} "
+                           f"({FAULTS_ENV}=1)")
+
+    setattr(faulty, method, fail)
+    return faulty
 
 
 class Unsupported(RuntimeError):
@@ -84,6 +100,7 @@ class KVCompressSession:
         self._dummy_depth = 0
         self.steps_begun = 0
         self.self_checked = False  # set by the start-up self-check (probe.py)
+        self._faults = os.environ.get(FAULTS_ENV) == "1"
 
     # -- start-up ------------------------------------------------------------
     def _store_shape(self, spec, num_layers: int) -> StoreShape:
@@ -182,7 +199,10 @@ class KVCompressSession:
         self.compressor.begin_step(requests, policy_of=self._policy_of)
 
     def _policy_of(self, req_id: str):
-        return self.policies.of(self._params.get(req_id))
+        params = self._params.get(req_id)
+        policy = self.policies.of(params)
+        fault = (getattr(params, "extra_args", None) or {}).get(FAULT_KEY) if self._faults else None
+        return _faulty(policy, fault) if policy is not None and fault in FAULT_METHODS else policy
 
     def end_step(self) -> None:
         if self.compressor is not None:
@@ -241,4 +261,5 @@ class KVCompressSession:
             kept_rows=kept_rows if self.vllm_config.parallel_config.tensor_parallel_size == 1 else {},
             engaged={"runner": self.runner_kind, "decode_path": compressor.decode_path,
                      "page_format": self.config.page_format} if self.self_checked else {},
+            failed=compressor.take_failures(),
         )
