@@ -44,7 +44,8 @@ def _decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
     if name == "triton":
         from vllm_kvcompress.kernels import triton as kernels
 
-        why = None if kernels.available() else "it needs a CUDA device (or TRITON_INTERPRET=1)"
+        why = (None if kernels.available() and (store.device.type == "cuda" or kernels.INTERPRETED)
+               else "it needs the pages on a CUDA device (or TRITON_INTERPRET=1 on a CPU)")
     elif name == "cpu":
         from vllm_kvcompress.kernels import cpu as kernels
 

@@ -19,12 +19,12 @@ from vllm_kvcompress.policies import build_policy
 LAYERS, KV_HEADS, GROUP = 2, 2, 3
 
 
-def compressor(policy, fmt: str, dim: int, decode_kernel: str) -> KVCompressor:
+def compressor(policy, fmt: str, dim: int, decode_kernel: str, device: str) -> KVCompressor:
     shape = StoreShape(LAYERS, KV_HEADS, dim, 16 if dim == 64 else 4, torch.float32,
                        page_format(fmt),
                        metadata_for(policy))
-    return KVCompressor(PagedKVStore(shape, 512, 4, 128), policy, KV_HEADS * GROUP,
-                        decode_kernel=decode_kernel)
+    return KVCompressor(PagedKVStore(shape, 512, 4, 128, device=device), policy,
+                        KV_HEADS * GROUP, decode_kernel=decode_kernel)
 
 
 @pytest.mark.parametrize("kernel", ["triton", "cpu"])
@@ -38,8 +38,10 @@ def test_kernel_decode_matches_the_torch_path(name, fmt, kernel, dim):
         pytest.skip("Triton cannot run here")
     if kernel == "cpu" and shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
+    # Triton compiled for a GPU reads pages on the GPU; interpreted, on the CPU.
+    device = "cuda" if kernel == "triton" and not INTERPRET else "cpu"
     policy = None if name is None else build_policy(name, budget=0.5, window=4, sink_tokens=2)
-    paths = [compressor(policy, fmt, dim, decode_kernel=k) for k in ("torch", kernel)]
+    paths = [compressor(policy, fmt, dim, k, device) for k in ("torch", kernel)]
     gen = torch.Generator().manual_seed(0)
     prompts = {"a": 37, "b": 9}
     total = {r: n + 4 for r, n in prompts.items()}
@@ -54,9 +56,8 @@ def test_kernel_decode_matches_the_torch_path(name, fmt, kernel, dim):
             comp.begin_step(reqs)
             outs.append([comp.forward_layer(
                 layer,
-                torch.cat([q[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
-                torch.cat([k[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
-                torch.cat([v[r.req_id][layer, r.computed_before:r.total_after] for r in reqs]),
+                *(torch.cat([x[r.req_id][layer, r.computed_before:r.total_after]
+                             for r in reqs]).to(device) for x in (q, k, v)),
                 dim ** -0.5) for layer in range(LAYERS)])
             comp.end_step()
         for torch_out, kernel_out in zip(*outs):

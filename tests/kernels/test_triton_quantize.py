@@ -33,7 +33,8 @@ def tokens(num: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator) ->
         torch.randn(head_dim, generator=gen).sign() * 60000.0,  # near the float16 range
         torch.randn(head_dim, generator=gen) + 40.0,  # skewed: the 4-bit zero point matters
     ]
-    x[: len(edges)] = torch.stack(edges)
+    count = min(num, len(edges))
+    x[:count] = torch.stack(edges)[:count]
     return x.to(dtype)
 
 

@@ -473,6 +473,12 @@ Side side_of(const torch::Tensor& data, const torch::Tensor& scale, const torch:
 // [P, S, groups] float16 (unused sides may alias the codes); count [P, S] float32 or None;
 // table [R, W] int32; lens [R]. Returns [B, Hq, D] in the model dtype. The checks live
 // here rather than in Python, where they cost more than a short row's attention.
+// A type carried as a value (std::type_identity is C++20; torch 2.11 builds C++17).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale,
                            torch::Tensor k_min, int64_t k_bits, torch::Tensor v,
                            torch::Tensor v_scale, torch::Tensor v_min, int64_t v_bits,
@@ -516,9 +522,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
     else decode_rows_scalar<scalar_t>(job);
   };
   switch (model_dtype) {
-    case torch::kFloat32: run(std::type_identity<float>{}); break;
-    case torch::kBFloat16: run(std::type_identity<at::BFloat16>{}); break;
-    case torch::kHalf: run(std::type_identity<at::Half>{}); break;
+    case torch::kFloat32: run(Tag<float>{}); break;
+    case torch::kBFloat16: run(Tag<at::BFloat16>{}); break;
+    case torch::kHalf: run(Tag<at::Half>{}); break;
     default: TORCH_CHECK(false, "paged_decode: model dtype ", model_dtype, " not supported");
   }
   return model_dtype == torch::kFloat32 ? out : out.to(model_dtype);

@@ -48,7 +48,7 @@ if triton is not None:
 
         return isinstance(triton.language.standard.cdiv, InterpretedFunction)
 
-    _INTERPRETED = _interpreted()
+    INTERPRETED = _interpreted()  # the kernels run in Triton's interpreter, on CPU tensors
     __all__ += [
         "paged_decode", "paged_decode_reference",
         "quantize_into", "quantize_into_reference",
@@ -57,9 +57,9 @@ if triton is not None:
         "window_scores", "window_scores_reference",
     ]
 else:
-    _INTERPRETED = False
+    INTERPRETED = False
 
 
 def available() -> bool:
     """True when the kernels can run: Triton imports and a CUDA device or its interpreter is on."""
-    return triton is not None and (torch.cuda.is_available() or _INTERPRETED)
+    return triton is not None and (torch.cuda.is_available() or INTERPRETED)
