@@ -79,6 +79,8 @@ def paged_decode(
     *,
     num_splits: int | None = None,
     max_len: int | None = None,
+    soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the pages of ``B * H`` rows -> [B, Hq, D].
 
@@ -87,7 +89,9 @@ def paged_decode(
     int32 page ids, ``lens`` [B*H] tokens per row (>= 1), ``count`` [num_pages,
     page_size] float32 tokens a slot stands for. ``num_splits`` and ``max_len``
     are accepted and unused: the kernel splits rows itself when there are too few for
-    the threads, and each row reads only its own pages.
+    the threads, and each row reads only its own pages. ``soft_cap`` (``None`` or 0:
+    off) and ``sinks`` [Hq] (read as float32): as in
+    :mod:`~vllm_kvcompress.kernels.paged_attention`.
     """
     module = load()
     if module is None:
@@ -98,4 +102,4 @@ def paged_decode(
     v, vs, vm, v_bits = _side(parts, fmt, "v")
     groups, _ = fmt.group_layout(q.shape[-1])
     return module.paged_decode(q, k, ks, km, k_bits, v, vs, vm, v_bits, count, table, lens,
-                               scale, groups)
+                               scale, groups, float(soft_cap or 0.0), sinks)

@@ -17,6 +17,12 @@
 // inf/NaN semantics hold. Other shapes take a plain scalar path. Dequantization
 // follows paging/formats.py's decode (code * scale + min, float32). Slots past a
 // row's end are never read into the output: they may hold anything.
+//
+// Optional, as in the torch path (kernels/paged_attention.py): a logit soft-cap
+// (cap * tanh(logit / cap), before the log-count bias) and per-query-head attention
+// sinks, one logit in the softmax's denominator with no value. A sink enters as the
+// starting state of the online softmax (m = sink, l = 1, acc = 0) of a row's first
+// split only, so merging splits counts it once.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -50,14 +56,16 @@ struct Job {
   const float* q;       // [B, H * G, D]
   Side k, v;
   const float* count;   // [P, S] or null
+  const float* sinks;   // [H * G] logit per query head, or null
   const int32_t* table; // [R, width]
   const int64_t* lens;  // [R]
   float* out;           // [B, H * G, D]
   // Row b * H + h serves query heads h * G .. h * G + G - 1 of request b, so its
   // queries and outputs start at (row * G) * D: no need to split row into b and h.
   int64_t rows, width;
-  int G, D, S, groups;
+  int H, G, D, S, groups;
   float scale;
+  float soft_cap;       // > 0: logits become soft_cap * tanh(logit / soft_cap); 0: off
 };
 
 // Ask for `n` slots' bytes of one side ahead of use: pages sit anywhere in the pool,
@@ -202,6 +210,35 @@ inline f32x16 exp16(f32x16 x) {
 
 inline float exp_nonpositive(float x) { return exp16(splat(x))[0]; }
 
+// tanh of every lane: Cephes' tanhf, an odd polynomial below 0.625 (where 1 - e^-2|x|
+// would lose digits to cancellation), (1 - e) / (1 + e) with e = e^-2|x| above. |x| is
+// clamped to 9 (tanh is 1.f from there), which also keeps NaN lanes (slots past a row's
+// end, masked after) out of exp16's float-to-int conversion.
+inline f32x16 tanh16(f32x16 x) {
+  const f32x16 abs_x = x < 0.f ? -x : x;
+  const f32x16 a = abs_x < 9.f ? abs_x : splat(9.f);  // NaN compares false: 9
+  const f32x16 s = x * x;
+  f32x16 p = splat(-5.70498872745e-3f);
+  p = p * s + 2.06390887954e-2f;
+  p = p * s - 5.37397155531e-2f;
+  p = p * s + 1.33314422036e-1f;
+  p = p * s - 3.33332819422e-1f;
+  const f32x16 small = p * s * x + x;
+  const f32x16 e = exp16(-2.f * a);
+  const f32x16 t = (1.f - e) / (1.f + e);
+  return a < 0.625f ? small : (x < 0.f ? -t : t);
+}
+
+// The start of a query head's online softmax: empty, or its sink (m = sink, l = 1).
+inline void start_state(float& m, float& l, const Job& job, int64_t row, int g) {
+  m = -std::numeric_limits<float>::infinity();
+  l = 0.f;
+  if (job.sinks != nullptr) {
+    m = job.sinks[(row % job.H) * job.G + g];
+    l = 1.f;
+  }
+}
+
 // Lane i of the result is the sum of the lanes of x[i]. A tree of 15 adds and 30
 // shuffles instead of 16 separate reductions; each level pairs vectors and halves
 // the width of the partial sums, which leaves lane i holding input bitrev4(i):
@@ -259,7 +296,8 @@ struct Tile {
 // by one tree, one max and one rescale for the tile, then p . V on two accumulator
 // sets, so the adds do not wait on one another.
 template <int DIM>
-inline void attend_tile(Head<DIM>& h, const f32x16* q, const Tile<DIM>& t, float scale) {
+inline void attend_tile(Head<DIM>& h, const f32x16* q, const Tile<DIM>& t, float scale,
+                        float soft_cap) {
   constexpr int C = DIM / kLanes, J = kTile<DIM> / kLanes;
   f32x16 logits[J];
   for (int j = 0; j < t.chunks; ++j) {
@@ -271,6 +309,7 @@ inline void attend_tile(Head<DIM>& h, const f32x16* q, const Tile<DIM>& t, float
       part[kBitrev[s]] = sum;
     }
     logits[j] = sum_each(part) * scale;
+    if (soft_cap > 0.f) logits[j] = tanh16(logits[j] * (1.f / soft_cap)) * soft_cap;
     if (t.bias != nullptr) logits[j] += load16(t.bias + j * kLanes);
   }
   const float inf = std::numeric_limits<float>::infinity();
@@ -349,6 +388,8 @@ void decode_rows_vector(const Job& job) {
       const float* qr = job.q + row * G * DIM;
       for (int i = 0; i < G * C; ++i) qv[i] = load16(qr + i * kLanes);
       std::fill(state.begin(), state.end(), Head<DIM>{});
+      if (split == 0)  // a sink counts once per row: in its first split
+        for (int g = 0; g < G; ++g) start_state(state[g].m, state[g].l, job, row, g);
       const int64_t len = job.lens[row], tiles = (len + T - 1) / T;
       const int64_t per = (tiles + splits - 1) / splits;
       const int64_t stop = std::min(len, (split + 1) * per * T);
@@ -374,7 +415,8 @@ void decode_rows_vector(const Job& job) {
               bias[j * kLanes + s] = std::log(std::max(job.count[slot + s], 1e-30f));
         }
         if (job.count != nullptr) tile.bias = bias.data();
-        for (int g = 0; g < G; ++g) attend_tile<DIM>(state[g], qv.data() + g * C, tile, job.scale);
+        for (int g = 0; g < G; ++g)
+          attend_tile<DIM>(state[g], qv.data() + g * C, tile, job.scale, job.soft_cap);
       }
       for (int g = 0; g < G; ++g) {
         if (splits > 1) {
@@ -423,8 +465,7 @@ void decode_rows_scalar(const Job& job) {
     for (int64_t row = begin; row < end; ++row) {
       const float* qr = q + row * G * D;
       const int64_t len = job.lens[row];
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
+      for (int g = 0; g < G; ++g) start_state(m[g], l[g], job, row, g);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t first = 0; first < len; first += S) {
         const int64_t page = job.table[row * width + first / S];
@@ -437,6 +478,7 @@ void decode_rows_scalar(const Job& job) {
             float x = 0.f;
             for (int d = 0; d < D; ++d) x += qr[g * D + d] * keys[s * D + d];
             logits[s] = x * job.scale;
+            if (job.soft_cap > 0.f) logits[s] = job.soft_cap * std::tanh(logits[s] / job.soft_cap);
             if (count != nullptr) logits[s] += std::log(std::max(count[page * S + s], 1e-30f));
             top = std::max(top, logits[s]);
           }
@@ -454,7 +496,7 @@ void decode_rows_scalar(const Job& job) {
       }
       for (int g = 0; g < G; ++g) {
         float* o = job.out + (row * G + g) * D;
-        const float inv = 1.f / l[g];  // len 0 gives NaN, as in the torch path
+        const float inv = 1.f / l[g];  // len 0 gives NaN (0 with a sink), as in the torch path
         for (int d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
       }
     }
@@ -471,7 +513,8 @@ Side side_of(const torch::Tensor& data, const torch::Tensor& scale, const torch:
 
 // q [B, Hq, D] in the model dtype; k/v: codes or model-dtype pages [P, S, *]; k_scale..
 // [P, S, groups] float16 (unused sides may alias the codes); count [P, S] float32 or None;
-// table [R, W] int32; lens [R]. Returns [B, Hq, D] in the model dtype. The checks live
+// table [R, W] int32; lens [R]; soft_cap > 0 or 0 (off); sinks [Hq] or None (any float
+// dtype: read as float32). Returns [B, Hq, D] in the model dtype. The checks live
 // here rather than in Python, where they cost more than a short row's attention.
 // A type carried as a value (std::type_identity is C++20; torch 2.11 builds C++17).
 template <typename T>
@@ -483,7 +526,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
                            torch::Tensor k_min, int64_t k_bits, torch::Tensor v,
                            torch::Tensor v_scale, torch::Tensor v_min, int64_t v_bits,
                            std::optional<torch::Tensor> count, torch::Tensor table,
-                           torch::Tensor lens, double scale, int64_t groups) {
+                           torch::Tensor lens, double scale, int64_t groups, double soft_cap,
+                           std::optional<torch::Tensor> sinks) {
   TORCH_CHECK(q.dim() == 3, "q: [B, Hq, D], got ", q.sizes());
   const auto model_dtype = q.scalar_type();
   const int64_t batch = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
@@ -505,15 +549,24 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor k_sca
                 side->scalar_type(), ", q is ", model_dtype);
   TORCH_CHECK(!count || (count->scalar_type() == torch::kFloat && count->is_contiguous()),
               "count: [P, S] float32");
+  TORCH_CHECK(soft_cap >= 0.0 && std::isfinite(soft_cap), "soft_cap: > 0, or 0 (off); got ",
+              soft_cap);
+  TORCH_CHECK(!sinks || (sinks->dim() == 1 && sinks->size(0) == num_q_heads &&
+                         sinks->is_floating_point() && sinks->device().is_cpu()),
+              "sinks: [", num_q_heads, "] floats on the CPU, got ",
+              sinks ? sinks->sizes() : c10::IntArrayRef{});
+  const auto sinks32 = sinks ? sinks->to(torch::kFloat32).contiguous() : torch::Tensor();
   const auto qf = q.to(torch::kFloat32).contiguous();  // no copy when it already is
   const auto lens64 = lens.to(torch::kInt64).contiguous();
   const int G = static_cast<int>(num_q_heads / heads), S = static_cast<int>(k.size(1));
   auto out = torch::empty({batch, num_q_heads, head_dim}, q.options().dtype(torch::kFloat32));
   const Side ks = side_of(k, k_scale, k_min, k_bits), vs = side_of(v, v_scale, v_min, v_bits);
   const Job job{qf.data_ptr<float>(), ks, vs, count ? count->data_ptr<float>() : nullptr,
+                sinks ? sinks32.data_ptr<float>() : nullptr,
                 table.data_ptr<int32_t>(), lens64.data_ptr<int64_t>(), out.data_ptr<float>(),
-                rows, table.size(1), G, static_cast<int>(head_dim), S,
-                static_cast<int>(groups), static_cast<float>(scale)};
+                rows, table.size(1), static_cast<int>(heads), G, static_cast<int>(head_dim), S,
+                static_cast<int>(groups), static_cast<float>(scale),
+                static_cast<float>(soft_cap)};
   const bool vector = S % kLanes == 0 && (head_dim == 64 || head_dim == 128);
   auto run = [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
