@@ -14,6 +14,12 @@ with several (split-K, long rows or few rows) each writes its running max, sum
 and accumulator and :func:`_reduce_kernel` merges them. A row with ``lens == 0``
 is not valid input (a request always holds at least its own newest token): its
 output is undefined (NaN), as in the torch reference.
+
+Optional, as in the torch path (``kernels.paged_attention``): a logit soft-cap
+(``cap * tanh(x / cap)`` on each scaled logit, before the max, the exp and the
+log-count bias) and per-query-head attention sinks. A sink joins the softmax's
+denominator once, where the row's state is final: at the end of the decode
+program with one partition, in :func:`_reduce_kernel` with several.
 """
 
 from __future__ import annotations
@@ -64,16 +70,42 @@ def _dequant(codes_ptr, scale_ptr, min_ptr, page, slot, held,
 
 
 @triton.jit
+def _soft_cap(x, cap):
+    """cap * tanh(x / cap), from exp2 of a non-positive argument (no overflow).
+
+    Logits here are in log2 units; capping ``x = ln-logit * log2(e)`` at
+    ``cap * log2(e)`` is the same as capping the natural logit at ``cap``. tanh by
+    the identity tanh(|y|) = (1 - e) / (1 + e), e = exp(-2|y|): its error near 0
+    (~1e-7 of the cap, cancellation in 1 - e) is far below a model-dtype logit's.
+    """
+    y = x / cap
+    e = tl.exp2(tl.abs(y) * -2.8853900817779268)  # exp(-2|y|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0, -t, t) * cap
+
+
+@triton.jit
+def _add_sink(m_i, l_i, acc, sinks_ptr, head, mask):
+    """Fold each head's sink (a logit, natural log) into a final softmax state (log2)."""
+    sink = tl.load(sinks_ptr + head, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_new)
+    l_new = l_i * alpha + tl.exp2(sink - m_new)
+    return l_new, acc * alpha[:, None]
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,  # [B, Hq, D] model dtype
     k_ptr, ks_ptr, km_ptr,  # key codes (or keys) [P, S, *], scale / min [P, S, NG]
     v_ptr, vs_ptr, vm_ptr,  # the same for values
     count_ptr,  # [P, S] float32 tokens a slot stands for (HAS_COUNT)
+    sinks_ptr,  # [Hq] float32 sink logit per query head (HAS_SINKS, SPLIT == False)
     table_ptr,  # [R, max_pages] int32 page ids
     lens_ptr,  # [R] tokens held
     out_ptr,  # [B, Hq, D] model dtype (SPLIT == False)
     m_ptr, l_ptr, acc_ptr,  # [R, NS, BLOCK_G], [R, NS, BLOCK_G], [R, NS, BLOCK_G, D] fp32 (SPLIT)
-    scale_log2, partition, num_splits,
+    scale_log2, cap_log2, partition, num_splits,
     stride_qb, stride_qh,
     stride_kp, stride_ks, stride_ksp, stride_kss,
     stride_vp, stride_vs, stride_vsp, stride_vss,
@@ -81,7 +113,8 @@ def _decode_kernel(
     H: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     GROUP: tl.constexpr, HAS_COUNT: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_CAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -113,6 +146,8 @@ def _decode_kernel(
         # Keys in the model dtype, as the torch path sees them after dequantizing.
         k = k.to(model_ty).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if HAS_CAP:  # log2 units: the cap times log2(e), as the scale
+            s = _soft_cap(s, cap_log2)
         if HAS_COUNT:
             c = tl.load(count_ptr + page * stride_cp + slot, mask=held, other=1.0)
             s += tl.log2(tl.maximum(c, 1e-30))[None, :]
@@ -132,6 +167,8 @@ def _decode_kernel(
         tl.store(l_ptr + part, l_i)
         tl.store(acc_ptr + part[:, None] * D + chan[None, :], acc)
     else:
+        if HAS_SINKS:
+            l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, h * G + heads, heads < G)
         out = acc / l_i[:, None]
         tl.store(out_ptr + b * stride_ob + (h * G + heads)[:, None] * stride_oh + chan[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=(heads < G)[:, None])
@@ -141,9 +178,11 @@ def _decode_kernel(
 def _reduce_kernel(
     m_ptr, l_ptr, acc_ptr,  # partials of _decode_kernel
     lens_ptr,  # [R]
+    sinks_ptr,  # [Hq] float32 (HAS_SINKS)
     out_ptr,  # [B, Hq, D]
     partition, num_splits, stride_ob, stride_oh,
     H: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // H
@@ -165,6 +204,8 @@ def _reduce_kernel(
         acc_s = tl.load(acc_ptr + part[:, None] * D + chan[None, :])
         acc = acc * alpha[:, None] + acc_s * beta[:, None]
         m_i = m_new
+    if HAS_SINKS:  # once per row, on the merged state
+        l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, h * G + heads, heads < G)
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + (h * G + heads)[:, None] * stride_oh + chan[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(heads < G)[:, None])
@@ -201,6 +242,8 @@ def paged_decode(
     *,
     num_splits: int | None = None,
     max_len: int | None = None,
+    soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the pages of ``B * H`` rows -> [B, Hq, D].
 
@@ -211,6 +254,8 @@ def paged_decode(
     for (merged entries), added to the logits as ``log(count)``.
     num_splits: partitions per row (split-K); default from the device and
     ``max_len`` (the longest row; read from ``lens`` when not given, a device sync).
+    soft_cap (``None`` or 0: off) and sinks [Hq] (read as float32): as in
+    :mod:`~vllm_kvcompress.kernels.paged_attention`.
     """
     batch, num_q_heads, head_dim = q.shape
     rows = table.shape[0]
@@ -233,6 +278,10 @@ def paged_decode(
         assert unq.dtype == q.dtype, f"unquantized pages are {unq.dtype}, q is {q.dtype}"
     if count is not None:
         assert count.dtype == torch.float32 and count.stride(1) == 1, "count: [P, S] float32"
+    assert not soft_cap or soft_cap > 0, f"soft_cap {soft_cap}: > 0, or None / 0 (off)"
+    if sinks is not None:
+        assert sinks.shape == (num_q_heads,), f"sinks {tuple(sinks.shape)} != ({num_q_heads},)"
+        sinks = sinks.to(q.device, torch.float32).contiguous()
     _, group_size = fmt.group_layout(head_dim)
 
     if max_len is None:
@@ -254,9 +303,10 @@ def paged_decode(
     else:
         m = l_sum = acc = out  # unused
     counts = count if count is not None else lens
+    sink_logits = sinks if sinks is not None else lens  # unused without sinks
     _decode_kernel[(rows, num_splits)](
-        q, k, ks, km, v, vs, vm, counts, table, lens, out, m, l_sum, acc,
-        scale * _LOG2E, partition, num_splits,
+        q, k, ks, km, v, vs, vm, counts, sink_logits, table, lens, out, m, l_sum, acc,
+        scale * _LOG2E, float(soft_cap or 1.0) * _LOG2E, partition, num_splits,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
         v.stride(0), v.stride(1), vs.stride(0), vs.stride(1),
@@ -265,10 +315,12 @@ def paged_decode(
         K_BITS=k_bits, V_BITS=v_bits, GROUP=group_size, HAS_COUNT=count is not None,
         SPLIT=split, UPCAST=not q.is_cuda,
         PRECISION="ieee" if q.dtype == torch.float32 or not q.is_cuda else "tf32",
+        HAS_CAP=bool(soft_cap), HAS_SINKS=sinks is not None,
     )
     if split:
         _reduce_kernel[(rows,)](
-            m, l_sum, acc, lens, out, partition, num_splits, out.stride(0), out.stride(1),
-            H=heads, G=group, BLOCK_G=block_g, D=head_dim,
+            m, l_sum, acc, lens, sink_logits, out, partition, num_splits, out.stride(0),
+            out.stride(1), H=heads, G=group, BLOCK_G=block_g, D=head_dim,
+            HAS_SINKS=sinks is not None,
         )
     return out
