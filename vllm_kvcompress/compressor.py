@@ -245,9 +245,13 @@ class KVCompressor:
     # -- one layer -----------------------------------------------------------
     def forward_layer(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        scale: float,
+        scale: float, soft_cap: float | None = None, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query [N, Hq, D], key/value [N, H, D] -> attention output [N, Hq, D]."""
+        """query [N, Hq, D], key/value [N, H, D] -> attention output [N, Hq, D].
+
+        ``soft_cap`` (logit soft-cap) and ``sinks`` [Hq] (attention sinks): passed to
+        every attention call of this layer (see ``kernels.paged_attention``)."""
+        self._attn_extra = {"soft_cap": soft_cap, "sinks": sinks}  # this layer's, for the calls
         step = self.step
         assert step is not None, "forward_layer called outside begin_step/end_step"
         self.layers_run += 1
@@ -325,7 +329,7 @@ class KVCompressor:
         result, mass = decode_attention(
             query[tokens], keys.view(batch, heads, *keys.shape[1:]),
             values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
-            visible=visible, counts=counts, logits=logits,
+            visible=visible, counts=counts, logits=logits, **self._attn_extra,
         )
         out[tokens] = result
         self.stats.decode_tokens_held += held
@@ -341,7 +345,8 @@ class KVCompressor:
                                   :pages_for(longest, self.store.shape.page_size)]
         return self._paged_decode(query, self.store.parts, self.store.shape.format, table,
                                   torch.from_numpy(lens).to(self.store.device), scale,
-                                  count=self.store.parts.get("count"), max_len=longest)
+                                  count=self.store.parts.get("count"), max_len=longest,
+                                  **self._attn_extra)
 
     def _shared_counts(self, layer, rows) -> np.ndarray | None:
         """Distant tokens [R] of ``rows`` whose keys the key-source layer holds (PoD), or ``None``."""
@@ -396,6 +401,7 @@ class KVCompressor:
             values.view(batch, heads, *values.shape[1:]), None, scale,
             visible=visible.view(batch, heads, -1),
             counts=None if counts is None else counts[read_pages].view(batch, heads, -1),
+            **self._attn_extra,
         )
         return result, int(visible.sum())
 
@@ -413,7 +419,8 @@ class KVCompressor:
                                    "after its prefill, which shared-key layers cannot attend")
             keys, values = self.store.gather(layer, rows, scratch=True)
         result, mass = chunk_attention(
-            query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass
+            query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass,
+            **self._attn_extra,
         )
         out[start:end] = result
         if mass is not None:

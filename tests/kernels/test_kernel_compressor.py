@@ -1,5 +1,6 @@
 """The compressor serving decode through a kernel that reads the pages in place (Triton, on
-CPU under its interpreter; the C++ CPU kernel): same outputs as the torch path."""
+CPU under its interpreter; the C++ CPU kernel): same outputs as the torch path, also with a
+logit soft-cap and attention sinks, which reach every attention call of a layer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from tests.kernels.conftest import INTERPRET
+from tests.kernels.helpers import attention_by_definition
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
 from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.step import StepRequest
@@ -34,6 +36,21 @@ def compressor(policy, fmt: str, dim: int, decode_kernel: str, device: str) -> K
 def test_kernel_decode_matches_the_torch_path(name, fmt, kernel, dim):
     """Two requests of different lengths, prefill then a few decode steps, compressed
     (snapkv), with merged counts (spindlekv) or not at all."""
+    run_both_paths(name, fmt, kernel, dim)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "cpu"])
+@pytest.mark.parametrize("fmt", ["none", "k8v4"])
+@pytest.mark.parametrize("name", [None, "spindlekv"])
+@pytest.mark.parametrize("dim", [16, 64])
+def test_soft_cap_and_sinks_reach_the_kernels(name, fmt, kernel, dim):
+    """``forward_layer``'s soft-cap and sinks: the kernel's decode agrees with the torch
+    path's (prefill and decode both capped, both with sinks)."""
+    sinks = torch.linspace(-1.0, 2.0, KV_HEADS * GROUP)
+    run_both_paths(name, fmt, kernel, dim, soft_cap=2.0, sinks=sinks)
+
+
+def run_both_paths(name, fmt, kernel, dim, **extra):
     if kernel == "triton" and not INTERPRET and not torch.cuda.is_available():
         pytest.skip("Triton cannot run here")
     if kernel == "cpu" and shutil.which("c++") is None:
@@ -58,9 +75,41 @@ def test_kernel_decode_matches_the_torch_path(name, fmt, kernel, dim):
                 layer,
                 *(torch.cat([x[r.req_id][layer, r.computed_before:r.total_after]
                              for r in reqs]).to(device) for x in (q, k, v)),
-                dim ** -0.5) for layer in range(LAYERS)])
+                dim ** -0.5, **extra) for layer in range(LAYERS)])
             comp.end_step()
         for torch_out, kernel_out in zip(*outs):
             torch.testing.assert_close(kernel_out, torch_out, atol=2e-5, rtol=2e-5)
     assert np.array_equal(paths[0].store.lens, paths[1].store.lens)
     assert paths[1]._paged_decode is not None and paths[0]._paged_decode is None
+
+
+def test_soft_cap_and_sinks_over_chunks_and_decode_are_the_definition():
+    """Uncompressed, on the torch path: a prompt in two chunks (the second attends the
+    first from the pages), then decode steps; every token's output is causal attention
+    written from the definition, with the cap and the sinks."""
+    dim, cap = 16, 2.0
+    comp = compressor(None, "none", dim, "torch", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    prompt, total = 11, 15
+    q = torch.randn(LAYERS, total, KV_HEADS * GROUP, dim, generator=gen) * 3
+    k = torch.randn(LAYERS, total, KV_HEADS, dim, generator=gen)
+    v = torch.randn(LAYERS, total, KV_HEADS, dim, generator=gen)
+    sinks = torch.randn(KV_HEADS * GROUP, generator=gen) * 2
+    steps = [StepRequest("a", 0, 6, prompt), StepRequest("a", 6, prompt - 6, prompt)] + [
+        StepRequest("a", t, 1, prompt) for t in range(prompt, total)]
+    for req in steps:
+        comp.begin_step([req])
+        for layer in range(LAYERS):
+            span = slice(req.computed_before, req.total_after)
+            out = comp.forward_layer(layer, q[layer, span], k[layer, span], v[layer, span],
+                                     dim ** -0.5, soft_cap=cap, sinks=sinks)
+            n = req.total_after
+            visible = (torch.arange(n) <= torch.arange(req.computed_before, n).view(-1, 1))
+            expand = (req.num_new, n, KV_HEADS, dim)
+            expect, _ = attention_by_definition(
+                q[layer, span], k[layer, :n].expand(expand).transpose(1, 2),
+                v[layer, :n].expand(expand).transpose(1, 2),
+                visible.unsqueeze(1).expand(-1, KV_HEADS, -1), dim ** -0.5, soft_cap=cap,
+                sinks=sinks)
+            torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
+        comp.end_step()
