@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from vllm_kvcompress.kernels.paged_attention import chunk_attention, decode_attention
-from vllm_kvcompress.paging.accounting import LayerPlan, pages_for, plan_layers, shares_keys
+from vllm_kvcompress.paging.accounting import (
+    LayerPlan,
+    last_recompression,
+    pages_for,
+    plan_layers,
+    shares_keys,
+)
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy, runtime_traits
@@ -122,6 +128,8 @@ class KVCompressor:
         self._windows: dict[int, list[torch.Tensor | None]] = {}
         self._selections: dict[int, dict[int, torch.Tensor]] = {}  # slot -> source layer -> mask
         self._logical: dict[int, int] = {}  # slot -> tokens the request holds uncompressed
+        # Decode-time compression: slot -> (length, per-layer budget of that length).
+        self._budget_at: dict[int, tuple[int, tuple[int, ...]]] = {}
         # Per-head policies: prompt tokens kept per [layer][head], for the scheduler.
         self._kept_rows: dict[str, np.ndarray] = {}
         # Requests whose compression or attention raised: the reason, until taken (the
@@ -142,6 +150,7 @@ class KVCompressor:
             self._windows.pop(slot, None)
             self._selections.pop(slot, None)
             self._logical.pop(slot, None)
+            self._budget_at.pop(slot, None)
 
     def begin_step(self, requests: list[StepRequest],
                    policy_of: Callable[[str], Policy | None] | None = None) -> StepPlan:
@@ -278,6 +287,8 @@ class KVCompressor:
                                                                        query))
                 self._isolated(step, [i], lambda picked: self._compress(layer, step, picked[0],
                                                                         scale))
+                self._isolated(step, [i], lambda picked: self._recompress(layer, step, picked[0],
+                                                                          scale))
             if self.policy is not None and self.policy.decode_capped:
                 self._evict(layer, step)
         return out
@@ -421,13 +432,15 @@ class KVCompressor:
 
     # -- compression ---------------------------------------------------------
     def _observe(self, layer, step, i, query) -> None:
-        """Keep the last ``window`` prompt queries of request ``i`` while it prefills."""
+        """Keep the last ``window`` queries of request ``i``: of its prompt while it
+        prefills, and of what it generates under decode-time compression."""
         req, slot = step.requests[i], int(step.slots[i])
         policy = self._policies[slot]
-        if not req.in_prefill or policy is None:
+        if policy is None or not (req.in_prefill or policy.decode_every):
             return
         window = policy.window
-        count = min(req.num_new, req.prompt_len - req.computed_before)
+        count = min(req.num_new, req.prompt_len - req.computed_before) if req.in_prefill \
+            else req.num_new
         start = int(step.starts[i])
         recent = query[start:start + count][-window:].transpose(0, 1)  # [Hq, w, D]
         buffers = self._windows.setdefault(slot, [None] * self.num_layers)
@@ -446,7 +459,7 @@ class KVCompressor:
         budget, prompt_len = plan.kept[layer], req.prompt_len
         buffers = self._windows.get(slot)
         window = buffers[layer] if buffers else None
-        if buffers:
+        if buffers and not policy.decode_every:  # decode-time compression votes with it again
             buffers[layer] = None
             if layer == self.num_layers - 1:
                 self._windows.pop(slot, None)
@@ -470,6 +483,35 @@ class KVCompressor:
         self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
         self._report(req, policy, layer, new_lens - (req.total_after - prompt_len))
         self._share_keys(layer, rows, plan)
+
+    def _recompress(self, layer, step, i, scale) -> None:
+        """Decode-time compression: when request ``i`` passes a multiple of its policy's
+        ``decode_every`` generated tokens, score its whole cache in ``layer`` again, the
+        last ``window`` queries voting, and evict back to the budget of that length.
+
+        Rows stay in position order (compaction keeps order, decode appends), so the last
+        slots are the voting queries' own tokens, as at the prompt's end."""
+        req, slot = step.requests[i], int(step.slots[i])
+        policy = self._policies[slot]
+        if policy is None or not policy.decode_every or req.total_after <= req.prompt_len:
+            return
+        # A chunk that ends the prompt may carry generated tokens past a point too (a
+        # preempted request recomputing): its prompt was compressed just before.
+        at = last_recompression(policy, req.prompt_len, req.total_after)
+        if at <= max(req.computed_before, req.prompt_len):
+            return
+        if self._budget_at.get(slot, (None,))[0] != at:
+            self._budget_at[slot] = (at, plan_layers(policy, at, self.num_layers).kept)
+        budget = self._budget_at[slot][1][layer]
+        rows = self._rows(slot)
+        held = int(self.store.lens[layer, rows].max())  # uniform heads: every row alike
+        window = self._windows[slot][layer]
+        if held <= budget:
+            return
+        inputs = self._inputs(policy, layer, rows, held, window, scale)
+        keep = self._select(policy, slot, layer, budget, lambda: inputs)
+        new_lens = self.store.compact(layer, rows, keep)
+        self.stats.evicted_tokens += int(held * len(rows) - new_lens.sum())
 
     def _share_keys(self, layer: int, rows: np.ndarray, plan: LayerPlan) -> None:
         """PoD: keep only the values of the distant tokens whose keys the source layer holds."""

@@ -30,7 +30,7 @@ from vllm_kvcompress.policies.quest import Quest
 
 ADDITIONAL_CONFIG_KEY = "kvcompress"
 # What one request may choose (HTTP extra_body fields, SamplingParams.extra_args keys).
-REQUEST_OPTIONS = ("kv_policy", "kv_budget")
+REQUEST_OPTIONS = ("kv_policy", "kv_budget", "kv_decode_every")
 # Flags of the whole server: a request naming one hears so instead of being ignored.
 SERVER_OPTIONS = ("kv_window", "kv_quant", "kv_page_size", "kv_decode_budget", "kv_config")
 BUDGET_CHOICES = "a fraction in (0, 1] such as 0.25, or a token count >= 16 such as 512"
@@ -105,6 +105,9 @@ class KVCompressConfig(BaseModel):
     decode_budget: float | int | None = Field(
         None, description="Quest page selection at decode: tokens (or fraction) each step reads"
     )
+    decode_every: int | None = Field(
+        None, ge=1, description="compress again every N generated tokens (decode-time "
+                                "compression); None: only at the end of the prompt")
     policy_args: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
 
     @field_validator("policy")
@@ -139,6 +142,16 @@ class KVCompressConfig(BaseModel):
         if self.quest_budget is not None and self.policy == "h2o":
             raise ValueError("h2o accumulates attention over every cached token, so it cannot "
                              "read only Quest's pages; choose another policy or drop decode_budget")
+        if self.decode_every is not None:
+            if self.policy in ("none", "quest"):
+                raise ValueError(f"decode_every re-compresses with an eviction policy; "
+                                 f"{self.policy!r} evicts nothing")
+            try:
+                self._build(self.policy)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            except TypeError:
+                pass  # unknown policy_args: validate_policy says so
         if self.quest_budget is not None and self.policy == "pod":
             raise ValueError("pod reads distant keys from another layer's pages, which Quest's "
                              "page selection does not follow; choose another policy or drop "
@@ -186,7 +199,7 @@ class KVCompressConfig(BaseModel):
     def _build(self, name: str) -> Policy:
         return build_policy(
             name, budget=self.budget, window=self.window, sink_tokens=self.sink_tokens,
-            **self.policy_args,
+            decode_every=self.decode_every, **self.policy_args,
         )
 
     def validate_policy(self) -> None:
@@ -256,13 +269,26 @@ class KVCompressConfig(BaseModel):
                     f"kv_budget: {budget} tokens is more than this model's context length "
                     f"({max_tokens}); allowed: a fraction in (0, 1], or a token count from 16 "
                     f"to {max_tokens}")
-        data = {**self.model_dump(), "policy": policy, "budget": budget, "quant": self.page_format}
+        decode_every = self.decode_every
+        if decode_every is not None and policy != self.policy and (
+                policy in ("none", "quest") or build_policy(policy).recompression_problem()):
+            decode_every = None  # the server's default, for policies that take it
+        if "kv_decode_every" in chosen:
+            raw = chosen["kv_decode_every"]
+            if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_TOKEN_BUDGET:
+                raise RequestOptionError(
+                    f"kv_decode_every: {show(raw)} is not a whole number of tokens >= 1")
+            decode_every = raw
+        data = {**self.model_dump(), "policy": policy, "budget": budget, "quant": self.page_format,
+                "decode_every": decode_every}
         if policy != self.policy:
             data |= {"policy_args": {}, "decode_budget": self.quest_budget}
         try:
             return type(self)(**data)
         except ValidationError as exc:
-            raise RequestOptionError(exc.errors()[0]["msg"]) from None
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            option = "kv_decode_every" if "decode" in message else "kv_policy"
+            raise RequestOptionError(f"{option}: {message}") from None
 
     # -- sources -------------------------------------------------------------
     @classmethod
@@ -302,11 +328,11 @@ class RequestPolicies:
 
     def __init__(self, config: KVCompressConfig) -> None:
         self.config = config
-        self._built: OrderedDict[tuple[str, float | int], Policy | None] = OrderedDict()
+        self._built: OrderedDict[tuple, Policy | None] = OrderedDict()
 
     def resolve(self, options: Mapping[str, Any] | None) -> Policy | None:
         config = self.config.for_request(options)
-        key = (config.policy, config.budget)
+        key = (config.policy, config.budget, config.decode_every)
         if key in self._built:
             self._built.move_to_end(key)
         else:

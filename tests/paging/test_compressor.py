@@ -126,13 +126,18 @@ def held_pages(comp: KVCompressor, slot: int, page_size: int) -> int:
 POLICIES = [name for name in policy_names() if name != "none" and build_policy(name).evicts]
 
 
-@pytest.mark.parametrize("fmt", ["none", "k8v8", "k8v4", "k4v4"])
-@pytest.mark.parametrize("name", POLICIES)
-def test_pages_stay_within_the_reservation_and_all_return(name, fmt, monkeypatch):
+RECOMPRESSING = [name for name in POLICIES if not build_policy(name).recompression_problem()]
+
+
+@pytest.mark.parametrize("fmt,name,every", [
+    *((fmt, name, None) for fmt in ("none", "k8v8", "k8v4", "k4v4") for name in POLICIES),
+    *((fmt, name, 5) for fmt in ("none", "k8v4") for name in RECOMPRESSING),
+])
+def test_pages_stay_within_the_reservation_and_all_return(name, fmt, every, monkeypatch):
     """Random lengths, chunking and aborts: a request never holds more pages than the
     scheduler reserves for it (before or after the worker's exact report), and the
-    pool is empty once every request is gone."""
-    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2)
+    pool is empty once every request is gone; with decode-time compression too."""
+    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2, decode_every=every)
     page_size = 4
     comp = make(policy, page_size=page_size, fmt=fmt)
     rng = np.random.default_rng(3)
@@ -160,7 +165,38 @@ def test_pages_stay_within_the_reservation_and_all_return(name, fmt, monkeypatch
     assert comp.store.tokens_held() == 0
 
 
-def run_lockstep(comp: KVCompressor, seqs: list[Sequence], chunk: int, policy_of=None) -> None:
+@pytest.mark.parametrize("budget", [24, 0.25])
+@pytest.mark.parametrize("name", RECOMPRESSING)
+def test_decode_time_compression_holds_the_budget_plus_n(name, budget):
+    """Every N generated tokens the cache is scored again and evicted back to its budget:
+    a head never holds more than the budget at the last recompression plus N."""
+    every = 6
+    policy = build_policy(name, budget=budget, window=4, sink_tokens=2, decode_every=every)
+    comp = make(policy, page_size=4)
+    gen = torch.Generator().manual_seed(5)
+    seqs = [Sequence(f"r{i}", 80 + 13 * i, 80 + 13 * i + 60, gen) for i in range(2)]
+    evicted_at_prefill = []
+
+    def after_step(reqs):
+        for req in reqs:
+            if req.in_prefill:
+                continue
+            at = req.prompt_len + every * ((req.total_after - req.prompt_len) // every)
+            kept = plan_layers(policy, at, LAYERS).kept
+            rows = comp.store.rows(comp.store.slot_of(req.req_id))
+            for layer in range(LAYERS):
+                held = comp.store.lens[layer, rows]
+                assert (held <= kept[layer] + req.total_after - at).all(), (req, layer, held)
+                assert (held < kept[layer] + every).all()
+        evicted_at_prefill.append(comp.stats.evicted_tokens)
+
+    run_lockstep(comp, seqs, chunk=50, after_step=after_step)
+    assert comp.stats.evicted_tokens > evicted_at_prefill[3]  # decode evicted too
+    assert comp.store.pool.num_used == 0
+
+
+def run_lockstep(comp: KVCompressor, seqs: list[Sequence], chunk: int, policy_of=None,
+                 after_step=None) -> None:
     """Every request advances each step: prefill in ``chunk``-token pieces, then one token.
 
     A request's pieces do not depend on who runs beside it, so its outputs must not either."""
@@ -178,6 +214,8 @@ def run_lockstep(comp: KVCompressor, seqs: list[Sequence], chunk: int, policy_of
             for s, r, piece in zip(active, reqs, out.split([r.num_new for r in reqs])):
                 s.out[layer, r.computed_before:r.total_after] = piece
         comp.end_step()
+        if after_step is not None:
+            after_step(reqs)
         for s, r in zip(active, reqs):
             s.done = r.total_after
         comp.release([s.req_id for s in active if s.done == s.total])

@@ -88,6 +88,10 @@ class Policy(ABC):
     budget: float | int = 0.25
     window: int = 32  # observation window: last prompt tokens whose queries vote
     sink_tokens: int = 4  # first tokens that are always kept
+    # Decode-time compression: every ``decode_every`` generated tokens, score the whole
+    # cache again (the last ``window`` queries voting) and evict back to the budget, so a
+    # long generation holds at most budget + decode_every tokens a (layer, KV head).
+    decode_every: int | None = None
 
     def __post_init__(self) -> None:
         if not (0 < self.budget <= 1 or self.budget >= 16):
@@ -98,6 +102,23 @@ class Policy(ABC):
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.decode_every is not None:
+            if isinstance(self.decode_every, bool) or not isinstance(self.decode_every, int) \
+                    or self.decode_every < 1:
+                raise ValueError(f"decode_every must be a whole number >= 1, got "
+                                 f"{self.decode_every!r}")
+            if why := self.recompression_problem():
+                raise ValueError(f"{self.name} cannot compress during decode: {why}")
+
+    def recompression_problem(self) -> str | None:
+        """Why this policy cannot re-score its cache while decoding, or ``None``."""
+        if self.decode_capped:
+            return "it already keeps its budget at every decode step"
+        if not self.uniform_heads:
+            return "its heads keep different numbers of tokens (per-head budgets)"
+        if type(self).key_source is not Policy.key_source:
+            return "its layers share keys"
+        return None
 
     # -- budgets -----------------------------------------------------------
     def layer_budgets(self, num_tokens: int, num_layers: int) -> list[int]:
