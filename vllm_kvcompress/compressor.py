@@ -309,7 +309,7 @@ class KVCompressor:
         batch, heads = len(picked), self.num_kv_heads
         lens = torch.from_numpy(self.store.lens[layer, rows])
         held = int(lens.sum())
-        if self.selector is not None:
+        if self.selector is not None and self.selector.selects(layer):
             read = self._attend_selected(layer, flat, query[tokens], lens.flatten(), scale)
             if read is not None:
                 out[tokens], tokens_read = read

@@ -360,11 +360,12 @@ def test_chunkkv_layers_of_a_group_keep_the_same_tokens(reuse):
     assert comp.stats.reused_selections == (1 if reuse == 2 else 0)
 
 
-def make_quest(budget, policy=None, page_size=4, fmt="none"):
+def make_quest(budget, policy=None, page_size=4, fmt="none", dense_layers=0):
     shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
                        metadata_for(policy), key_bounds=True)
     store = PagedKVStore(shape, 4096, 8, 512)
-    return KVCompressor(store, policy, KV_HEADS * GROUP, selector=Quest(budget=budget))
+    return KVCompressor(store, policy, KV_HEADS * GROUP,
+                        selector=Quest(budget=budget, dense_layers=dense_layers))
 
 
 def naive_quest(seq: Sequence, layer: int, t: int, page_size: int, read: int, scale: float):
@@ -406,6 +407,25 @@ def test_quest_reads_only_the_top_pages():
     steps = 6 * LAYERS * KV_HEADS  # the newest page may be partly filled
     assert steps * (budget - page_size) < comp.stats.decode_tokens_read <= steps * budget
     assert comp.stats.decode_tokens_held > 3 * comp.stats.decode_tokens_read
+
+
+def test_quest_leaves_its_first_layers_dense():
+    """Layers below dense_layers read every page (dense attention); the others select."""
+    page_size, budget, scale = 4, 24, DIM ** -0.5
+    comp = make_quest(budget, page_size=page_size, dense_layers=1)
+    seq = Sequence("r0", 90, 91, torch.Generator().manual_seed(4))
+    comp.begin_step([StepRequest("r0", 0, 90, 90)])
+    for layer in range(LAYERS):
+        comp.forward_layer(layer, seq.q[layer, :90], seq.k[layer, :90], seq.v[layer, :90], scale)
+    comp.end_step()
+    comp.begin_step([StepRequest("r0", 90, 1, 90)])
+    outs = [comp.forward_layer(layer, seq.q[layer, 90:91], seq.k[layer, 90:91],
+                               seq.v[layer, 90:91], scale) for layer in range(LAYERS)]
+    comp.end_step()
+    torch.testing.assert_close(outs[0], seq.dense(0, 90, 91, scale))
+    torch.testing.assert_close(outs[1][0], naive_quest(seq, 1, 90, page_size,
+                                                       budget // page_size, scale))
+    assert Quest(budget=24).dense_layers == 2  # the paper's choice is the default
 
 
 def test_quest_reading_every_page_is_dense_attention():
