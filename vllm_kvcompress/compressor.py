@@ -67,11 +67,12 @@ def _decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
     raise RuntimeError(f"the {name} decode kernel cannot run here: {why}")
 
 
-def metadata_for(policy: Policy | None) -> tuple[str, ...]:
-    """Slot metadata the store must keep for ``policy`` (see ``paging.store``)."""
+def metadata_for(policy: Policy | None, windowed: bool = False) -> tuple[str, ...]:
+    """Slot metadata the store must keep for ``policy`` (see ``paging.store``); local
+    (sliding-window) layers need positions to drop what leaves their window."""
     if policy is None:
-        return ()
-    return slot_metadata(needs_positions=policy.decode_capped,
+        return slot_metadata(needs_positions=windowed, needs_mass=False)
+    return slot_metadata(needs_positions=policy.decode_capped or windowed,
                          needs_mass=policy.needs_attention_mass, needs_counts=policy.needs_counts)
 
 
@@ -95,11 +96,22 @@ class CompressionStats:
 
 class KVCompressor:
     def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int,
-                 selector: Quest | None = None, decode_kernel: str | None = None) -> None:
+                 selector: Quest | None = None, decode_kernel: str | None = None,
+                 windows: tuple[int | None, ...] | None = None) -> None:
         """``decode_kernel``: how decode attention reads the pages. ``"triton"`` (default
         on CUDA) and ``"cpu"`` (the C++ kernel, default elsewhere where it builds) read
         them in place; ``"torch"`` gathers the rows, then attends. Either kernel gives
-        way to the torch path where attention mass or shared keys are needed."""
+        way to the torch path where attention mass or shared keys are needed.
+
+        ``windows``: per layer, its sliding window (a local layer) or ``None`` (global).
+        A local layer keeps only its window, attends within it, and is left alone by the
+        policy, whose budget applies to the global layers."""
+        windows = tuple(windows) if windows is not None else (None,) * store.shape.num_layers
+        if any(windows):
+            if "pos" not in store.parts:
+                raise ValueError("local (sliding-window) layers need a store with positions")
+            if policy is not None and shares_keys(policy, store.shape.num_layers):
+                raise ValueError("key sharing across layers does not combine with local layers")
         if selector is not None and (store.key_bounds is None or
                                      (policy is not None and policy.needs_attention_mass)):
             raise ValueError("Quest needs a store with key bounds and a policy that does not "
@@ -109,6 +121,7 @@ class KVCompressor:
                 raise ValueError("key sharing needs a store with value rows and no Quest selection")
         self.store = store
         self.policy = policy
+        self.windows = windows
         self._paged_decode = _decode_kernel(decode_kernel, store)
         self.selector = selector  # Quest: which pages each decode step reads
         self.num_layers = store.shape.num_layers
@@ -281,7 +294,9 @@ class KVCompressor:
         for i in step.chunks:
             self._isolated(step, [i], lambda picked: self._attend_chunk(
                 layer, step, picked[0], query, key, value, scale, need_mass, out))
-        if self._step_has_policy:
+        if self.windows[layer] is not None:
+            self._slide(layer, step)
+        elif self._step_has_policy:
             for i in range(len(step.requests)):
                 self._isolated(step, [i], lambda picked: self._observe(layer, step, picked[0],
                                                                        query))
@@ -309,7 +324,8 @@ class KVCompressor:
         batch, heads = len(picked), self.num_kv_heads
         lens = torch.from_numpy(self.store.lens[layer, rows])
         held = int(lens.sum())
-        if self.selector is not None and self.selector.selects(layer):
+        if self.selector is not None and self.selector.selects(layer) \
+                and self.windows[layer] is None:
             read = self._attend_selected(layer, flat, query[tokens], lens.flatten(), scale)
             if read is not None:
                 out[tokens], tokens_read = read
@@ -424,7 +440,8 @@ class KVCompressor:
                                    "after its prefill, which shared-key layers cannot attend")
             keys, values = self.store.gather(layer, rows, scratch=True)
         result, mass = chunk_attention(
-            query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass
+            query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass,
+            window=self.windows[layer],
         )
         out[start:end] = result
         if mass is not None:
@@ -549,6 +566,34 @@ class KVCompressor:
             rows = self._kept_rows.setdefault(
                 req.req_id, np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64))
             rows[layer] = kept
+
+    def _slide(self, layer, step) -> None:
+        """A local layer keeps what the next token's window needs: the last ``window - 1``
+        positions (decode then attends exactly ``window`` tokens, itself included)."""
+        heads = np.arange(self.num_kv_heads)
+        for batch, in_order in ((step.decode, False), (step.chunks, True)):
+            rows = (step.slots[batch, None] * self.num_kv_heads + heads).reshape(-1)
+            self._slide_rows(layer, rows, self.windows[layer] - 1, in_order)
+
+    def _slide_rows(self, layer, rows, keep: int, in_order: bool) -> None:
+        """Drop the oldest slots of ``rows`` past ``keep``; ``in_order`` keeps slot order
+        (a prefill chunk's next chunk attends by slot order), else one slot moves."""
+        over = self.store.lens[layer, rows] - keep
+        sel = over > 0
+        if not sel.any():
+            return
+        rows, over = rows[sel], over[sel]
+        positions = self.store.gather_slot_metadata(layer, rows, "pos")  # -1 past the end
+        lens = torch.from_numpy(self.store.lens[layer, rows])
+        # Oldest first; empty slots never chosen.
+        age = positions.float().masked_fill(torch.arange(positions.shape[1]) >= lens[:, None],
+                                            PROTECTED)
+        if not in_order and over.max() == 1:
+            self.store.evict_one(layer, rows, age.argmin(dim=1).numpy())
+        else:
+            rank = age.argsort(dim=1).argsort(dim=1)
+            self.store.compact(layer, rows, rank >= torch.from_numpy(over).unsqueeze(1))
+        self.stats.evicted_tokens += int(over.sum())
 
     def _evict(self, layer, step) -> None:
         """Bring decode-capped rows back to their cap, lowest-ranked slots first.

@@ -20,11 +20,13 @@ from vllm_kvcompress.policies.quest import Quest
 LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
 
 
-def make(policy=None, page_size=4, num_pages=4096, max_requests=8, max_tokens=512, fmt="none"):
+def make(policy=None, page_size=4, num_pages=4096, max_requests=8, max_tokens=512, fmt="none",
+         windows=None):
     shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
-                       metadata_for(policy), value_rows=shares_keys(policy, LAYERS))
+                       metadata_for(policy, windowed=bool(windows and any(windows))),
+                       value_rows=shares_keys(policy, LAYERS))
     store = PagedKVStore(shape, num_pages, max_requests, max_tokens)
-    return KVCompressor(store, policy, KV_HEADS * GROUP)
+    return KVCompressor(store, policy, KV_HEADS * GROUP, windows=windows)
 
 
 class Sequence:
@@ -38,13 +40,16 @@ class Sequence:
         self.out = torch.zeros_like(self.q)  # what the compressor returned for every token
         self.done = 0
 
-    def dense(self, layer: int, start: int, end: int, scale: float) -> torch.Tensor:
+    def dense(self, layer: int, start: int, end: int, scale: float,
+              window: int | None = None) -> torch.Tensor:
         k = self.k[layer, :end].repeat_interleave(GROUP, dim=1)  # [T, Hq, D]
         v = self.v[layer, :end].repeat_interleave(GROUP, dim=1)
         out = []
         for t in range(start, end):
-            w = torch.softmax(torch.einsum("hd,thd->ht", self.q[layer, t], k[: t + 1]) * scale, -1)
-            out.append(torch.einsum("ht,thd->hd", w, v[: t + 1]))
+            first = 0 if window is None else max(0, t + 1 - window)
+            w = torch.softmax(torch.einsum("hd,thd->ht", self.q[layer, t], k[first: t + 1])
+                              * scale, -1)
+            out.append(torch.einsum("ht,thd->hd", w, v[first: t + 1]))
         return torch.stack(out)
 
 
@@ -163,6 +168,63 @@ def test_pages_stay_within_the_reservation_and_all_return(name, fmt, every, monk
     assert comp.stats.evicted_tokens > 0
     assert comp.store.pool.num_used == 0
     assert comp.store.tokens_held() == 0
+
+
+@pytest.mark.parametrize("chunk", [7, 200])
+def test_a_local_layer_attends_its_sliding_window_and_keeps_no_more(chunk):
+    """Layer 0 is local (a window of 9 tokens), layer 1 global: outputs are dense
+    sliding-window and dense causal attention, chunked prefill or not, and the local
+    layer holds at most window - 1 tokens between steps."""
+    window, scale = 9, DIM ** -0.5
+    comp = make(windows=(window, None), page_size=4)
+    gen = torch.Generator().manual_seed(6)
+    seqs = [Sequence(f"r{i}", 30 + 11 * i, 50 + 11 * i, gen) for i in range(3)]
+
+    def after_step(reqs):
+        for req in reqs:
+            rows = comp.store.rows(comp.store.slot_of(req.req_id))
+            assert (comp.store.lens[0, rows] <= window - 1).all()
+            assert (comp.store.lens[1, rows] == req.total_after).all()
+
+    run_lockstep(comp, seqs, chunk=chunk, after_step=after_step)
+    for s in seqs:
+        torch.testing.assert_close(s.out[0], s.dense(0, 0, s.total, scale, window))
+        torch.testing.assert_close(s.out[1], s.dense(1, 0, s.total, scale))
+    assert comp.store.pool.num_used == 0
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streamingllm", "adakv", "quest"])
+def test_pages_stay_within_the_reservation_with_local_layers(name, monkeypatch):
+    """A local layer's pages follow its window, the global layer's the policy."""
+    windows = (6, None)
+    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2)
+    policy = policy if policy.evicts else None
+    comp = make(policy, page_size=4, windows=windows)
+    rng = np.random.default_rng(8)
+    seqs = random_sequences(torch.Generator().manual_seed(8), rng, 6, 20, 200, max_new=30)
+    original, plans = comp.forward_layer, {}
+
+    def checked(layer, *args):
+        out = original(layer, *args)
+        for req, slot in zip(comp.step.requests, comp.step.slots):
+            rows = comp.store.rows(int(slot))
+            held = int(np.ceil(comp.store.lens[0, rows] / 4).sum())
+            assert held <= request_pages_bound(policy, None, 1, KV_HEADS, 4, req.prompt_len,
+                                               req.computed_before, req.total_after, windows)
+            if policy is not None and req.total_after > req.prompt_len:
+                plan = plans.setdefault(req.req_id, plan_layers(policy, req.prompt_len, LAYERS))
+                if layer == LAYERS - 1:
+                    for rid, kept in comp.take_kept_rows().items():
+                        plans[rid] = plans[rid].with_rows(kept)
+                    plan = plans[req.req_id]
+                assert held_pages(comp, int(slot), 4) <= request_pages_bound(
+                    policy, plan, LAYERS, KV_HEADS, 4, req.prompt_len, req.computed_before,
+                    req.total_after, windows)
+        return out
+
+    monkeypatch.setattr(comp, "forward_layer", checked)
+    run_schedule(comp, seqs, rng, check=False, abort_rate=0.05)
+    assert comp.store.pool.num_used == 0
 
 
 @pytest.mark.parametrize("budget", [24, 0.25])

@@ -86,6 +86,7 @@ def chunk_attention(
     scale: float,
     need_mass: bool = False,
     query_block: int = 256,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A chunk of ``n`` new tokens of one request attends its row and itself.
 
@@ -93,6 +94,8 @@ def chunk_attention(
     followed by the chunk's ``n`` tokens (T may be padded). Query ``i`` sees the
     older tokens and chunk tokens ``<= i``. Queries are processed in blocks so
     a long prefill never materialises an [Hq, n, T] score matrix at once.
+    ``window``: sliding-window attention, query ``i`` sees only the ``window`` slots
+    ending at itself (the row holds consecutive positions, oldest first).
     """
     n, num_q_heads, head_dim = q.shape
     num_kv_heads, total, _ = keys.shape
@@ -103,11 +106,14 @@ def chunk_attention(
         # SDPA's fused kernel; GQA by broadcasting each KV head over its group.
         expand = (num_kv_heads, group, total, head_dim)
         k, v = keys.unsqueeze(1).expand(expand), values.unsqueeze(1).expand(expand)
-        if total == n and not lens_before.any():  # a fresh prompt: plain causal, no mask
+        if total == n and not lens_before.any() and window is None:  # plain causal, no mask
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), None
         limit = lens_before.view(-1, 1, 1) + torch.arange(n, device=q.device).view(1, -1, 1)
-        visible = (slot.view(1, 1, -1) <= limit).unsqueeze(1)  # [H, 1, n, T]
+        visible = slot.view(1, 1, -1) <= limit
+        if window is not None:
+            visible = visible & (slot.view(1, 1, -1) > limit - window)
+        visible = visible.unsqueeze(1)  # [H, 1, n, T]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
         return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), None
     out = torch.empty_like(q)
@@ -116,6 +122,8 @@ def chunk_attention(
         end = min(n, start + query_block)
         limit = lens_before.view(-1, 1, 1) + torch.arange(start, end, device=q.device).view(1, -1, 1)
         visible = slot.view(1, 1, -1) <= limit  # [H, b, T]
+        if window is not None:
+            visible = visible & (slot.view(1, 1, -1) > limit - window)
         block_out, block_mass = _attend(
             q[:, :, start:end], keys, values, visible, scale, need_mass
         )

@@ -134,6 +134,9 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
         engine_args.enable_prefix_caching = False
     if not current_platform.is_cpu():
         engine_args.attention_backend = "CUSTOM"  # our backend, registered by the worker
+        # Sliding-window layers share one KV-cache group with the global ones (as on CPU,
+        # where vLLM has no hybrid manager): the page store holds both kinds.
+        engine_args.disable_hybrid_kv_cache_manager = True
         if not engine_args.enforce_eager:
             # The compressor's page bookkeeping runs on the host between layers; a CUDA
             # graph would replay one step's page tables forever.
