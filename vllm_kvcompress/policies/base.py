@@ -84,6 +84,10 @@ class Policy(ABC):
     # Kept entries may stand for several tokens (SpindleKV's merging): the store
     # keeps a count per slot and attention weighs a slot by count * exp(q . k).
     needs_counts: ClassVar[bool] = False
+    # The page format it runs on unless --kv-quant says otherwise (LeanKV: K8V4).
+    default_format: ClassVar[str] = "none"
+    # It chooses what decode reads, per server (Quest), instead of what is stored.
+    selects_pages: ClassVar[bool] = False
 
     budget: float | int = 0.25
     window: int = 32  # observation window: last prompt tokens whose queries vote
@@ -192,16 +196,35 @@ class Policy(ABC):
         raise NotImplementedError(f"{self.name} does not evict during decode")
 
 
-def runtime_traits(policy: Policy | None) -> tuple[bool, bool, bool, bool]:
-    """What the page store and the decode path must do for ``policy``.
+@dataclass(frozen=True)
+class Needs:
+    """What the page store and the decode path must do for a policy.
 
-    Policies that agree on these share a store and a batch, so a request may
-    choose any of them on a server started with another (per-request override).
+    Policies with equal needs share a store and a batch, so a request may choose
+    any of them on a server started with another (per-request override). The
+    config checks, the store's slot metadata and the scheduler's accounting read
+    these, never a policy's name.
     """
-    if policy is None:
-        return (False, False, False, False)
-    return (policy.decode_capped, policy.needs_attention_mass, policy.needs_counts,
-            type(policy).key_source is not Policy.key_source)
+
+    decode_capped: bool = False  # held at budget while decoding: slot positions kept
+    attention_mass: bool = False  # every key's received attention accumulated
+    counts: bool = False  # merged entries weighted by how many tokens they stand for
+    shared_keys: bool = False  # some layers read their distant keys from another layer
+
+    @classmethod
+    def of(cls, policy_class: type[Policy] | None) -> Needs:
+        """What a policy class declares (``None``: nothing evicted, no needs)."""
+        if policy_class is None:
+            return cls()
+        return cls(decode_capped=policy_class.decode_capped,
+                   attention_mass=policy_class.needs_attention_mass,
+                   counts=policy_class.needs_counts,
+                   shared_keys=policy_class.key_source is not Policy.key_source)
+
+
+def runtime_traits(policy: Policy | None) -> Needs:
+    """The :class:`Needs` of ``policy`` (``None``: nothing evicted, no needs)."""
+    return Needs.of(None if policy is None else type(policy))
 
 
 def protect(scores: torch.Tensor, sink_tokens: int, recent_tokens: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ class Quest(Policy):
 
     name: ClassVar[str] = "quest"
     evicts: ClassVar[bool] = False
+    selects_pages: ClassVar[bool] = True
     # The first layers read every page, as in the paper's evaluation: their attention is
     # spread over the whole context, so page bounds there pick poorly.
     dense_layers: int = 2
