@@ -54,7 +54,7 @@ from benchmarks.server import vllm_server
 from benchmarks.tasks import DEFAULT_TASKS, TASKS, score
 
 POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv", "chunkkv",
-            "spindlekv", "quest", "pod")
+            "spindlekv", "quest", "pod", "knorm", "keydiff", "tova", "expected_attention", "rkv")
 
 
 def answers(url: str, model: str, samples) -> list[float]:

@@ -44,26 +44,10 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks.results import machine, save
+from benchmarks.configs import config_name, serve_flags
 from benchmarks.server import ServerStartError, kv_capacity_tokens, vllm_server
 from benchmarks.tasks import documents
 
-CONFIGS: dict[str, tuple[str, ...]] = {
-    "plain": (),
-    "ours-full": ("--kv-policy", "snapkv", "--kv-budget", "1.0"),
-    "k8v8": ("--kv-quant", "k8v8"),
-    "k8v4": ("--kv-quant", "k8v4"),
-    "k4v4": ("--kv-quant", "k4v4"),
-    "vllm-bf16": ("--kv-cache-dtype", "bfloat16"),
-    "vllm-fp8": ("--kv-cache-dtype", "fp8"),
-    "vllm-int8": ("--kv-cache-dtype", "int8_per_token_head"),
-    "vllm-int4": ("--kv-cache-dtype", "int4_per_token_head"),
-    "vllm-turboquant-k8v4": ("--kv-cache-dtype", "turboquant_k8v4"),
-}
-for _policy in ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "leankv", "chunkkv",
-                "spindlekv", "quest", "pod"):
-    for _budget in ("1.0", "0.5", "0.25", "0.1"):
-        CONFIGS[f"{_policy}@{_budget}"] = ("--kv-policy", _policy, "--kv-budget", _budget)
-CONFIGS["snapkv@0.25+k8v4"] = ("--kv-policy", "snapkv", "--kv-budget", "0.25", "--kv-quant", "k8v4")
 FORCING = ("--logits-processors", "benchmarks.forcing:ForcedTokens")
 TOP = 20
 
@@ -122,7 +106,7 @@ def run(configs: list[str], context: int, prompts: int, tokens: int, kv_bytes: i
               "tokens": tokens, "kv_bytes": kv_bytes, "configs": results}
     reference: list[list[Step]] = []
     for name in tqdm(["plain", *[c for c in configs if c != "plain"]], desc="configs"):
-        flags = CONFIGS[name]
+        flags = serve_flags(name)
         try:
             with vllm_server(model, *flags, *FORCING, kv_bytes=kv_bytes) as url:
                 capacity = kv_capacity_tokens(url)
@@ -167,7 +151,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["plain", "ours-full", "k8v8", "k8v4",
-                                                         "k4v4"], choices=sorted(CONFIGS))
+                                                         "k4v4"], type=config_name)
     parser.add_argument("--context", type=int, default=2000)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)

@@ -78,8 +78,8 @@ def parse_config(text: str) -> Config:
         policy = build_policy(name, budget=float(budget), **kwargs)
     except TypeError as e:  # an unknown field
         raise ValueError(f"{text!r}: {e}") from None
-    _, _, merges, shares_keys = runtime_traits(policy)
-    if not policy.evicts or merges or shares_keys:
+    needs = runtime_traits(policy)
+    if not policy.evicts or needs.counts or needs.shared_keys:
         raise ValueError(f"{text!r}: the lab cannot emulate {name} (Quest's per-step pages, "
                          "SpindleKV's merging and PoD's shared keys need the serving path)")
     return Config(text, policy)

@@ -37,18 +37,10 @@ from tqdm import tqdm
 
 from benchmarks.load import PeakGauge
 from benchmarks.results import machine, save
+from benchmarks.configs import config_name, serve_flags
 from benchmarks.server import CPU_FLAGS, vllm_server
 from benchmarks.tasks import documents
 
-CONFIGS: dict[str, tuple[str, ...]] = {
-    "plain-ample": (),
-    "plain": (),
-    "k8v4": ("--kv-quant", "k8v4"),
-}
-for _policy in ("streamingllm", "snapkv", "pyramidkv", "adakv", "chunkkv", "pod"):
-    CONFIGS[f"{_policy}@0.25"] = ("--kv-policy", _policy, "--kv-budget", "0.25")
-CONFIGS["pyramidkv@0.25+k8v4"] = ("--kv-policy", "pyramidkv", "--kv-budget", "0.25",
-                                  "--kv-quant", "k8v4")
 
 
 def workload(tokenizer, count: int, prompt_range, output_range, seed: int = 0):
@@ -172,7 +164,7 @@ def run(args) -> dict:
               "output_tokens": list(args.output_tokens), "kv_bytes": kv_bytes,
               "ample_kv_bytes": ample, "flags": CPU_FLAGS + list(max_len), "configs": {}}
     for name in tqdm(args.configs, desc="configs"):
-        flags, budget = CONFIGS[name] + max_len, ample if name == "plain-ample" else kv_bytes
+        flags, budget = serve_flags(name) + max_len, ample if name == "plain-ample" else kv_bytes
         row = {"flags": list(flags), "kv_bytes": budget}
         if "online" in args.modes:
             row["online"] = {}
@@ -252,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+    parser.add_argument("--configs", nargs="+", type=config_name,
                         default=["plain-ample", "plain", "pyramidkv@0.25", "k8v4",
                                  "pyramidkv@0.25+k8v4"])
     parser.add_argument("--requests", type=int, default=16)

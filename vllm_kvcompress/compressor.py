@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from vllm_kvcompress.kernels.paged_attention import chunk_attention, decode_attention
-from vllm_kvcompress.paging.accounting import LayerPlan, pages_for, plan_layers, shares_keys
+from vllm_kvcompress.paging.accounting import (
+    LayerPlan,
+    last_recompression,
+    pages_for,
+    plan_layers,
+    shares_keys,
+)
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy, runtime_traits
@@ -61,11 +67,12 @@ def _decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
     raise RuntimeError(f"the {name} decode kernel cannot run here: {why}")
 
 
-def metadata_for(policy: Policy | None) -> tuple[str, ...]:
-    """Slot metadata the store must keep for ``policy`` (see ``paging.store``)."""
+def metadata_for(policy: Policy | None, windowed: bool = False) -> tuple[str, ...]:
+    """Slot metadata the store must keep for ``policy`` (see ``paging.store``); local
+    (sliding-window) layers need positions to drop what leaves their window."""
     if policy is None:
-        return ()
-    return slot_metadata(needs_positions=policy.decode_capped,
+        return slot_metadata(needs_positions=windowed, needs_mass=False)
+    return slot_metadata(needs_positions=policy.decode_capped or windowed,
                          needs_mass=policy.needs_attention_mass, needs_counts=policy.needs_counts)
 
 
@@ -89,11 +96,22 @@ class CompressionStats:
 
 class KVCompressor:
     def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int,
-                 selector: Quest | None = None, decode_kernel: str | None = None) -> None:
+                 selector: Quest | None = None, decode_kernel: str | None = None,
+                 windows: tuple[int | None, ...] | None = None) -> None:
         """``decode_kernel``: how decode attention reads the pages. ``"triton"`` (default
         on CUDA) and ``"cpu"`` (the C++ kernel, default elsewhere where it builds) read
         them in place; ``"torch"`` gathers the rows, then attends. Either kernel gives
-        way to the torch path where attention mass or shared keys are needed."""
+        way to the torch path where attention mass or shared keys are needed.
+
+        ``windows``: per layer, its sliding window (a local layer) or ``None`` (global).
+        A local layer keeps only its window, attends within it, and is left alone by the
+        policy, whose budget applies to the global layers."""
+        windows = tuple(windows) if windows is not None else (None,) * store.shape.num_layers
+        if any(windows):
+            if "pos" not in store.parts:
+                raise ValueError("local (sliding-window) layers need a store with positions")
+            if policy is not None and shares_keys(policy, store.shape.num_layers):
+                raise ValueError("key sharing across layers does not combine with local layers")
         if selector is not None and (store.key_bounds is None or
                                      (policy is not None and policy.needs_attention_mass)):
             raise ValueError("Quest needs a store with key bounds and a policy that does not "
@@ -103,6 +121,7 @@ class KVCompressor:
                 raise ValueError("key sharing needs a store with value rows and no Quest selection")
         self.store = store
         self.policy = policy
+        self.windows = windows
         self._paged_decode = _decode_kernel(decode_kernel, store)
         self.selector = selector  # Quest: which pages each decode step reads
         self.num_layers = store.shape.num_layers
@@ -122,6 +141,8 @@ class KVCompressor:
         self._windows: dict[int, list[torch.Tensor | None]] = {}
         self._selections: dict[int, dict[int, torch.Tensor]] = {}  # slot -> source layer -> mask
         self._logical: dict[int, int] = {}  # slot -> tokens the request holds uncompressed
+        # Decode-time compression: slot -> (length, per-layer budget of that length).
+        self._budget_at: dict[int, tuple[int, tuple[int, ...]]] = {}
         # Per-head policies: prompt tokens kept per [layer][head], for the scheduler.
         self._kept_rows: dict[str, np.ndarray] = {}
         # Requests whose compression or attention raised: the reason, until taken (the
@@ -142,6 +163,7 @@ class KVCompressor:
             self._windows.pop(slot, None)
             self._selections.pop(slot, None)
             self._logical.pop(slot, None)
+            self._budget_at.pop(slot, None)
 
     def begin_step(self, requests: list[StepRequest],
                    policy_of: Callable[[str], Policy | None] | None = None) -> StepPlan:
@@ -276,12 +298,16 @@ class KVCompressor:
         for i in step.chunks:
             self._isolated(step, [i], lambda picked: self._attend_chunk(
                 layer, step, picked[0], query, key, value, scale, need_mass, out))
-        if self._step_has_policy:
+        if self.windows[layer] is not None:
+            self._slide(layer, step)
+        elif self._step_has_policy:
             for i in range(len(step.requests)):
                 self._isolated(step, [i], lambda picked: self._observe(layer, step, picked[0],
                                                                        query))
                 self._isolated(step, [i], lambda picked: self._compress(layer, step, picked[0],
                                                                         scale))
+                self._isolated(step, [i], lambda picked: self._recompress(layer, step, picked[0],
+                                                                          scale))
             if self.policy is not None and self.policy.decode_capped:
                 self._evict(layer, step)
         return out
@@ -302,7 +328,8 @@ class KVCompressor:
         batch, heads = len(picked), self.num_kv_heads
         lens = torch.from_numpy(self.store.lens[layer, rows])
         held = int(lens.sum())
-        if self.selector is not None:
+        if self.selector is not None and self.selector.selects(layer) \
+                and self.windows[layer] is None:
             read = self._attend_selected(layer, flat, query[tokens], lens.flatten(), scale)
             if read is not None:
                 out[tokens], tokens_read = read
@@ -420,7 +447,7 @@ class KVCompressor:
             keys, values = self.store.gather(layer, rows, scratch=True)
         result, mass = chunk_attention(
             query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass,
-            **self._attn_extra,
+            window=self.windows[layer], **self._attn_extra,
         )
         out[start:end] = result
         if mass is not None:
@@ -428,13 +455,15 @@ class KVCompressor:
 
     # -- compression ---------------------------------------------------------
     def _observe(self, layer, step, i, query) -> None:
-        """Keep the last ``window`` prompt queries of request ``i`` while it prefills."""
+        """Keep the last ``window`` queries of request ``i``: of its prompt while it
+        prefills, and of what it generates under decode-time compression."""
         req, slot = step.requests[i], int(step.slots[i])
         policy = self._policies[slot]
-        if not req.in_prefill or policy is None:
+        if policy is None or not (req.in_prefill or policy.decode_every):
             return
         window = policy.window
-        count = min(req.num_new, req.prompt_len - req.computed_before)
+        count = min(req.num_new, req.prompt_len - req.computed_before) if req.in_prefill \
+            else req.num_new
         start = int(step.starts[i])
         recent = query[start:start + count][-window:].transpose(0, 1)  # [Hq, w, D]
         buffers = self._windows.setdefault(slot, [None] * self.num_layers)
@@ -453,7 +482,7 @@ class KVCompressor:
         budget, prompt_len = plan.kept[layer], req.prompt_len
         buffers = self._windows.get(slot)
         window = buffers[layer] if buffers else None
-        if buffers:
+        if buffers and not policy.decode_every:  # decode-time compression votes with it again
             buffers[layer] = None
             if layer == self.num_layers - 1:
                 self._windows.pop(slot, None)
@@ -477,6 +506,35 @@ class KVCompressor:
         self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
         self._report(req, policy, layer, new_lens - (req.total_after - prompt_len))
         self._share_keys(layer, rows, plan)
+
+    def _recompress(self, layer, step, i, scale) -> None:
+        """Decode-time compression: when request ``i`` passes a multiple of its policy's
+        ``decode_every`` generated tokens, score its whole cache in ``layer`` again, the
+        last ``window`` queries voting, and evict back to the budget of that length.
+
+        Rows stay in position order (compaction keeps order, decode appends), so the last
+        slots are the voting queries' own tokens, as at the prompt's end."""
+        req, slot = step.requests[i], int(step.slots[i])
+        policy = self._policies[slot]
+        if policy is None or not policy.decode_every or req.total_after <= req.prompt_len:
+            return
+        # A chunk that ends the prompt may carry generated tokens past a point too (a
+        # preempted request recomputing): its prompt was compressed just before.
+        at = last_recompression(policy, req.prompt_len, req.total_after)
+        if at <= max(req.computed_before, req.prompt_len):
+            return
+        if self._budget_at.get(slot, (None,))[0] != at:
+            self._budget_at[slot] = (at, plan_layers(policy, at, self.num_layers).kept)
+        budget = self._budget_at[slot][1][layer]
+        rows = self._rows(slot)
+        held = int(self.store.lens[layer, rows].max())  # uniform heads: every row alike
+        window = self._windows[slot][layer]
+        if held <= budget:
+            return
+        inputs = self._inputs(policy, layer, rows, held, window, scale)
+        keep = self._select(policy, slot, layer, budget, lambda: inputs)
+        new_lens = self.store.compact(layer, rows, keep)
+        self.stats.evicted_tokens += int(held * len(rows) - new_lens.sum())
 
     def _share_keys(self, layer: int, rows: np.ndarray, plan: LayerPlan) -> None:
         """PoD: keep only the values of the distant tokens whose keys the source layer holds."""
@@ -514,6 +572,34 @@ class KVCompressor:
             rows = self._kept_rows.setdefault(
                 req.req_id, np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64))
             rows[layer] = kept
+
+    def _slide(self, layer, step) -> None:
+        """A local layer keeps what the next token's window needs: the last ``window - 1``
+        positions (decode then attends exactly ``window`` tokens, itself included)."""
+        heads = np.arange(self.num_kv_heads)
+        for batch, in_order in ((step.decode, False), (step.chunks, True)):
+            rows = (step.slots[batch, None] * self.num_kv_heads + heads).reshape(-1)
+            self._slide_rows(layer, rows, self.windows[layer] - 1, in_order)
+
+    def _slide_rows(self, layer, rows, keep: int, in_order: bool) -> None:
+        """Drop the oldest slots of ``rows`` past ``keep``; ``in_order`` keeps slot order
+        (a prefill chunk's next chunk attends by slot order), else one slot moves."""
+        over = self.store.lens[layer, rows] - keep
+        sel = over > 0
+        if not sel.any():
+            return
+        rows, over = rows[sel], over[sel]
+        positions = self.store.gather_slot_metadata(layer, rows, "pos")  # -1 past the end
+        lens = torch.from_numpy(self.store.lens[layer, rows])
+        # Oldest first; empty slots never chosen.
+        age = positions.float().masked_fill(torch.arange(positions.shape[1]) >= lens[:, None],
+                                            PROTECTED)
+        if not in_order and over.max() == 1:
+            self.store.evict_one(layer, rows, age.argmin(dim=1).numpy())
+        else:
+            rank = age.argsort(dim=1).argsort(dim=1)
+            self.store.compact(layer, rows, rank >= torch.from_numpy(over).unsqueeze(1))
+        self.stats.evicted_tokens += int(over.sum())
 
     def _evict(self, layer, step) -> None:
         """Bring decode-capped rows back to their cap, lowest-ranked slots first.

@@ -24,13 +24,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_kvcompress.paging.formats import FORMAT_NAMES
-from vllm_kvcompress.policies import Policy, build_policy, policy_names
-from vllm_kvcompress.policies.base import runtime_traits
+from vllm_kvcompress.policies import Policy, build_policy, policy_class, policy_names
+from vllm_kvcompress.policies.base import Needs, runtime_traits
 from vllm_kvcompress.policies.quest import Quest
 
 ADDITIONAL_CONFIG_KEY = "kvcompress"
 # What one request may choose (HTTP extra_body fields, SamplingParams.extra_args keys).
-REQUEST_OPTIONS = ("kv_policy", "kv_budget")
+REQUEST_OPTIONS = ("kv_policy", "kv_budget", "kv_decode_every")
 # Flags of the whole server: a request naming one hears so instead of being ignored.
 SERVER_OPTIONS = ("kv_window", "kv_quant", "kv_page_size", "kv_decode_budget", "kv_config")
 BUDGET_CHOICES = "a fraction in (0, 1] such as 0.25, or a token count >= 16 such as 512"
@@ -105,6 +105,9 @@ class KVCompressConfig(BaseModel):
     decode_budget: float | int | None = Field(
         None, description="Quest page selection at decode: tokens (or fraction) each step reads"
     )
+    decode_every: int | None = Field(
+        None, ge=1, description="compress again every N generated tokens (decode-time "
+                                "compression); None: only at the end of the prompt")
     policy_args: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
 
     @field_validator("policy")
@@ -131,18 +134,38 @@ class KVCompressConfig(BaseModel):
     def _decode_budget(cls, value: Any) -> float | int | None:
         return None if value is None else parse_budget(value)
 
+    @property
+    def _cls(self) -> type[Policy] | None:
+        return policy_class(self.policy)
+
+    @property
+    def _needs(self) -> Needs:
+        return Needs.of(self._cls)
+
     @model_validator(mode="after")
-    def _quest_composes(self) -> KVCompressConfig:
-        if self.decode_budget is not None and self.policy == "quest":
-            raise ValueError("decode_budget composes Quest with an eviction policy; with "
-                             "policy quest, budget is already what decode reads")
-        if self.quest_budget is not None and self.policy == "h2o":
-            raise ValueError("h2o accumulates attention over every cached token, so it cannot "
-                             "read only Quest's pages; choose another policy or drop decode_budget")
-        if self.quest_budget is not None and self.policy == "pod":
-            raise ValueError("pod reads distant keys from another layer's pages, which Quest's "
-                             "page selection does not follow; choose another policy or drop "
+    def _options_compose(self) -> KVCompressConfig:
+        cls = self._cls
+        if self.decode_budget is not None and cls is not None and cls.selects_pages:
+            raise ValueError(f"decode_budget composes Quest with an eviction policy; with "
+                             f"policy {self.policy}, budget is already what decode reads")
+        if self.quest_budget is not None and self._needs.attention_mass:
+            raise ValueError(f"{self.policy} accumulates attention over every cached token, so "
+                             "it cannot read only Quest's pages; choose another policy or drop "
                              "decode_budget")
+        if self.decode_every is not None:
+            if cls is None or not cls.evicts:
+                raise ValueError(f"decode_every re-compresses with an eviction policy; "
+                                 f"{self.policy!r} evicts nothing")
+            try:
+                self._build(self.policy)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            except TypeError:
+                pass  # unknown policy_args: validate_policy says so
+        if self.quest_budget is not None and self._needs.shared_keys:
+            raise ValueError(f"{self.policy} reads distant keys from another layer's pages, "
+                             "which Quest's page selection does not follow; choose another "
+                             "policy or drop decode_budget")
         return self
 
     @field_validator("page_size")
@@ -154,15 +177,17 @@ class KVCompressConfig(BaseModel):
 
     @property
     def page_format(self) -> str:
-        """The page format in use: ``quant``, or LeanKV's K8V4 when not given."""
+        """The page format in use: ``quant``, or the policy's own default (LeanKV: K8V4)."""
         if self.quant is not None:
             return self.quant
-        return "k8v4" if self.policy == "leankv" else "none"
+        cls = self._cls
+        return "none" if cls is None else cls.default_format
 
     @property
     def quest_budget(self) -> float | int | None:
         """What each decode step reads under Quest (``policy: quest`` or ``decode_budget``)."""
-        return self.budget if self.policy == "quest" else self.decode_budget
+        cls = self._cls
+        return self.budget if cls is not None and cls.selects_pages else self.decode_budget
 
     @property
     def enabled(self) -> bool:
@@ -171,7 +196,8 @@ class KVCompressConfig(BaseModel):
 
     def build_policy(self) -> Policy | None:
         """The eviction policy, or ``None`` when nothing is evicted."""
-        if self.policy in ("none", "quest"):
+        cls = self._cls
+        if cls is None or not cls.evicts:
             return None
         return self._build(self.policy)
 
@@ -179,14 +205,15 @@ class KVCompressConfig(BaseModel):
         """Quest's decode-time page selection, or ``None``."""
         if self.quest_budget is None:
             return None
-        args = self.policy_args if self.policy == "quest" else {}
+        cls = self._cls
+        args = self.policy_args if cls is not None and cls.selects_pages else {}
         return Quest(budget=self.quest_budget, window=self.window, sink_tokens=self.sink_tokens,
                      **args)
 
     def _build(self, name: str) -> Policy:
         return build_policy(
             name, budget=self.budget, window=self.window, sink_tokens=self.sink_tokens,
-            **self.policy_args,
+            decode_every=self.decode_every, **self.policy_args,
         )
 
     def validate_policy(self) -> None:
@@ -200,13 +227,19 @@ class KVCompressConfig(BaseModel):
     # -- per request -----------------------------------------------------------
     def request_policies(self) -> list[str]:
         """Policies a request may choose here: those whose store and decode needs match
-        this server's (:func:`runtime_traits`), so they share its pages and batches.
-        Quest is not among them: its page selection belongs to the whole server."""
+        this server's (:class:`Needs`), so they share its pages and batches. A page
+        selector (Quest) is not among them: its selection belongs to the whole server."""
         if not self.enabled:
             return []
         server = runtime_traits(self.build_policy())
-        return [name for name in policy_names() if name != "quest" and runtime_traits(
-            None if name == "none" else build_policy(name)) == server]
+        chosen = []
+        for name in policy_names():
+            cls = policy_class(name)
+            if cls is not None and (cls.selects_pages or not cls.evicts):
+                continue
+            if Needs.of(cls) == server:
+                chosen.append(name)
+        return chosen
 
     def for_request(self, options: Mapping[str, Any] | None, *,
                     max_tokens: int | None = None) -> KVCompressConfig:
@@ -234,13 +267,18 @@ class KVCompressConfig(BaseModel):
         if not isinstance(policy, str):
             raise RequestOptionError(f"kv_policy: {show(policy)} is not a policy name; allowed "
                                      f"here: {', '.join(allowed)}")
-        if policy == "quest" == self.policy:
+        known = policy in policy_names()
+        selector = known and policy_class(policy) is not None and policy_class(policy).selects_pages
+        if selector and policy == self.policy:
             raise RequestOptionError(
-                "kv_budget: this server's budget is what Quest reads at every decode step, set "
-                "at start-up; choose an eviction policy with kv_policy to set a budget per request")
+                f"kv_budget: this server's budget is what {policy_class(policy).__name__} reads "
+                "at every decode step, "
+                "set at start-up; choose an eviction policy with kv_policy to set a budget per "
+                "request")
         if policy not in allowed:
-            why = ("unknown policy" if policy not in policy_names() else
-                   "Quest's page selection is set for the whole server" if policy == "quest" else
+            why = ("unknown policy" if not known else
+                   f"{policy_class(policy).__name__}'s page selection is set for the whole "
+                   "server" if selector else
                    f"it needs other page metadata or decode work than {self.policy!r}")
             raise RequestOptionError(
                 f"kv_policy: {show(policy)} cannot run on this server ({why}); allowed here: "
@@ -256,13 +294,27 @@ class KVCompressConfig(BaseModel):
                     f"kv_budget: {budget} tokens is more than this model's context length "
                     f"({max_tokens}); allowed: a fraction in (0, 1], or a token count from 16 "
                     f"to {max_tokens}")
-        data = {**self.model_dump(), "policy": policy, "budget": budget, "quant": self.page_format}
+        decode_every = self.decode_every
+        if decode_every is not None and policy != self.policy and (
+                policy_class(policy) is None or not policy_class(policy).evicts
+                or build_policy(policy).recompression_problem()):
+            decode_every = None  # the server's default, for policies that take it
+        if "kv_decode_every" in chosen:
+            raw = chosen["kv_decode_every"]
+            if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_TOKEN_BUDGET:
+                raise RequestOptionError(
+                    f"kv_decode_every: {show(raw)} is not a whole number of tokens >= 1")
+            decode_every = raw
+        data = {**self.model_dump(), "policy": policy, "budget": budget, "quant": self.page_format,
+                "decode_every": decode_every}
         if policy != self.policy:
             data |= {"policy_args": {}, "decode_budget": self.quest_budget}
         try:
             return type(self)(**data)
         except ValidationError as exc:
-            raise RequestOptionError(exc.errors()[0]["msg"]) from None
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            option = "kv_decode_every" if "decode" in message else "kv_policy"
+            raise RequestOptionError(f"{option}: {message}") from None
 
     # -- sources -------------------------------------------------------------
     @classmethod
@@ -302,11 +354,11 @@ class RequestPolicies:
 
     def __init__(self, config: KVCompressConfig) -> None:
         self.config = config
-        self._built: OrderedDict[tuple[str, float | int], Policy | None] = OrderedDict()
+        self._built: OrderedDict[tuple, Policy | None] = OrderedDict()
 
     def resolve(self, options: Mapping[str, Any] | None) -> Policy | None:
         config = self.config.for_request(options)
-        key = (config.policy, config.budget)
+        key = (config.policy, config.budget, config.decode_every)
         if key in self._built:
             self._built.move_to_end(key)
         else:

@@ -20,11 +20,13 @@ from vllm_kvcompress.policies.quest import Quest
 LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
 
 
-def make(policy=None, page_size=4, num_pages=4096, max_requests=8, max_tokens=512, fmt="none"):
+def make(policy=None, page_size=4, num_pages=4096, max_requests=8, max_tokens=512, fmt="none",
+         windows=None):
     shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
-                       metadata_for(policy), value_rows=shares_keys(policy, LAYERS))
+                       metadata_for(policy, windowed=bool(windows and any(windows))),
+                       value_rows=shares_keys(policy, LAYERS))
     store = PagedKVStore(shape, num_pages, max_requests, max_tokens)
-    return KVCompressor(store, policy, KV_HEADS * GROUP)
+    return KVCompressor(store, policy, KV_HEADS * GROUP, windows=windows)
 
 
 class Sequence:
@@ -38,13 +40,16 @@ class Sequence:
         self.out = torch.zeros_like(self.q)  # what the compressor returned for every token
         self.done = 0
 
-    def dense(self, layer: int, start: int, end: int, scale: float) -> torch.Tensor:
+    def dense(self, layer: int, start: int, end: int, scale: float,
+              window: int | None = None) -> torch.Tensor:
         k = self.k[layer, :end].repeat_interleave(GROUP, dim=1)  # [T, Hq, D]
         v = self.v[layer, :end].repeat_interleave(GROUP, dim=1)
         out = []
         for t in range(start, end):
-            w = torch.softmax(torch.einsum("hd,thd->ht", self.q[layer, t], k[: t + 1]) * scale, -1)
-            out.append(torch.einsum("ht,thd->hd", w, v[: t + 1]))
+            first = 0 if window is None else max(0, t + 1 - window)
+            w = torch.softmax(torch.einsum("hd,thd->ht", self.q[layer, t], k[first: t + 1])
+                              * scale, -1)
+            out.append(torch.einsum("ht,thd->hd", w, v[first: t + 1]))
         return torch.stack(out)
 
 
@@ -126,13 +131,18 @@ def held_pages(comp: KVCompressor, slot: int, page_size: int) -> int:
 POLICIES = [name for name in policy_names() if name != "none" and build_policy(name).evicts]
 
 
-@pytest.mark.parametrize("fmt", ["none", "k8v8", "k8v4", "k4v4"])
-@pytest.mark.parametrize("name", POLICIES)
-def test_pages_stay_within_the_reservation_and_all_return(name, fmt, monkeypatch):
+RECOMPRESSING = [name for name in POLICIES if not build_policy(name).recompression_problem()]
+
+
+@pytest.mark.parametrize("fmt,name,every", [
+    *((fmt, name, None) for fmt in ("none", "k8v8", "k8v4", "k4v4") for name in POLICIES),
+    *((fmt, name, 5) for fmt in ("none", "k8v4") for name in RECOMPRESSING),
+])
+def test_pages_stay_within_the_reservation_and_all_return(name, fmt, every, monkeypatch):
     """Random lengths, chunking and aborts: a request never holds more pages than the
     scheduler reserves for it (before or after the worker's exact report), and the
-    pool is empty once every request is gone."""
-    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2)
+    pool is empty once every request is gone; with decode-time compression too."""
+    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2, decode_every=every)
     page_size = 4
     comp = make(policy, page_size=page_size, fmt=fmt)
     rng = np.random.default_rng(3)
@@ -160,7 +170,95 @@ def test_pages_stay_within_the_reservation_and_all_return(name, fmt, monkeypatch
     assert comp.store.tokens_held() == 0
 
 
-def run_lockstep(comp: KVCompressor, seqs: list[Sequence], chunk: int, policy_of=None) -> None:
+@pytest.mark.parametrize("chunk", [7, 200])
+def test_a_local_layer_attends_its_sliding_window_and_keeps_no_more(chunk):
+    """Layer 0 is local (a window of 9 tokens), layer 1 global: outputs are dense
+    sliding-window and dense causal attention, chunked prefill or not, and the local
+    layer holds at most window - 1 tokens between steps."""
+    window, scale = 9, DIM ** -0.5
+    comp = make(windows=(window, None), page_size=4)
+    gen = torch.Generator().manual_seed(6)
+    seqs = [Sequence(f"r{i}", 30 + 11 * i, 50 + 11 * i, gen) for i in range(3)]
+
+    def after_step(reqs):
+        for req in reqs:
+            rows = comp.store.rows(comp.store.slot_of(req.req_id))
+            assert (comp.store.lens[0, rows] <= window - 1).all()
+            assert (comp.store.lens[1, rows] == req.total_after).all()
+
+    run_lockstep(comp, seqs, chunk=chunk, after_step=after_step)
+    for s in seqs:
+        torch.testing.assert_close(s.out[0], s.dense(0, 0, s.total, scale, window))
+        torch.testing.assert_close(s.out[1], s.dense(1, 0, s.total, scale))
+    assert comp.store.pool.num_used == 0
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streamingllm", "adakv", "quest"])
+def test_pages_stay_within_the_reservation_with_local_layers(name, monkeypatch):
+    """A local layer's pages follow its window, the global layer's the policy."""
+    windows = (6, None)
+    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2)
+    policy = policy if policy.evicts else None
+    comp = make(policy, page_size=4, windows=windows)
+    rng = np.random.default_rng(8)
+    seqs = random_sequences(torch.Generator().manual_seed(8), rng, 6, 20, 200, max_new=30)
+    original, plans = comp.forward_layer, {}
+
+    def checked(layer, *args):
+        out = original(layer, *args)
+        for req, slot in zip(comp.step.requests, comp.step.slots):
+            rows = comp.store.rows(int(slot))
+            held = int(np.ceil(comp.store.lens[0, rows] / 4).sum())
+            assert held <= request_pages_bound(policy, None, 1, KV_HEADS, 4, req.prompt_len,
+                                               req.computed_before, req.total_after, windows)
+            if policy is not None and req.total_after > req.prompt_len:
+                plan = plans.setdefault(req.req_id, plan_layers(policy, req.prompt_len, LAYERS))
+                if layer == LAYERS - 1:
+                    for rid, kept in comp.take_kept_rows().items():
+                        plans[rid] = plans[rid].with_rows(kept)
+                    plan = plans[req.req_id]
+                assert held_pages(comp, int(slot), 4) <= request_pages_bound(
+                    policy, plan, LAYERS, KV_HEADS, 4, req.prompt_len, req.computed_before,
+                    req.total_after, windows)
+        return out
+
+    monkeypatch.setattr(comp, "forward_layer", checked)
+    run_schedule(comp, seqs, rng, check=False, abort_rate=0.05)
+    assert comp.store.pool.num_used == 0
+
+
+@pytest.mark.parametrize("budget", [24, 0.25])
+@pytest.mark.parametrize("name", RECOMPRESSING)
+def test_decode_time_compression_holds_the_budget_plus_n(name, budget):
+    """Every N generated tokens the cache is scored again and evicted back to its budget:
+    a head never holds more than the budget at the last recompression plus N."""
+    every = 6
+    policy = build_policy(name, budget=budget, window=4, sink_tokens=2, decode_every=every)
+    comp = make(policy, page_size=4)
+    gen = torch.Generator().manual_seed(5)
+    seqs = [Sequence(f"r{i}", 80 + 13 * i, 80 + 13 * i + 60, gen) for i in range(2)]
+    evicted_at_prefill = []
+
+    def after_step(reqs):
+        for req in reqs:
+            if req.in_prefill:
+                continue
+            at = req.prompt_len + every * ((req.total_after - req.prompt_len) // every)
+            kept = plan_layers(policy, at, LAYERS).kept
+            rows = comp.store.rows(comp.store.slot_of(req.req_id))
+            for layer in range(LAYERS):
+                held = comp.store.lens[layer, rows]
+                assert (held <= kept[layer] + req.total_after - at).all(), (req, layer, held)
+                assert (held < kept[layer] + every).all()
+        evicted_at_prefill.append(comp.stats.evicted_tokens)
+
+    run_lockstep(comp, seqs, chunk=50, after_step=after_step)
+    assert comp.stats.evicted_tokens > evicted_at_prefill[3]  # decode evicted too
+    assert comp.store.pool.num_used == 0
+
+
+def run_lockstep(comp: KVCompressor, seqs: list[Sequence], chunk: int, policy_of=None,
+                 after_step=None) -> None:
     """Every request advances each step: prefill in ``chunk``-token pieces, then one token.
 
     A request's pieces do not depend on who runs beside it, so its outputs must not either."""
@@ -178,6 +276,8 @@ def run_lockstep(comp: KVCompressor, seqs: list[Sequence], chunk: int, policy_of
             for s, r, piece in zip(active, reqs, out.split([r.num_new for r in reqs])):
                 s.out[layer, r.computed_before:r.total_after] = piece
         comp.end_step()
+        if after_step is not None:
+            after_step(reqs)
         for s, r in zip(active, reqs):
             s.done = r.total_after
         comp.release([s.req_id for s in active if s.done == s.total])
@@ -322,11 +422,12 @@ def test_chunkkv_layers_of_a_group_keep_the_same_tokens(reuse):
     assert comp.stats.reused_selections == (1 if reuse == 2 else 0)
 
 
-def make_quest(budget, policy=None, page_size=4, fmt="none"):
+def make_quest(budget, policy=None, page_size=4, fmt="none", dense_layers=0):
     shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
                        metadata_for(policy), key_bounds=True)
     store = PagedKVStore(shape, 4096, 8, 512)
-    return KVCompressor(store, policy, KV_HEADS * GROUP, selector=Quest(budget=budget))
+    return KVCompressor(store, policy, KV_HEADS * GROUP,
+                        selector=Quest(budget=budget, dense_layers=dense_layers))
 
 
 def naive_quest(seq: Sequence, layer: int, t: int, page_size: int, read: int, scale: float):
@@ -368,6 +469,25 @@ def test_quest_reads_only_the_top_pages():
     steps = 6 * LAYERS * KV_HEADS  # the newest page may be partly filled
     assert steps * (budget - page_size) < comp.stats.decode_tokens_read <= steps * budget
     assert comp.stats.decode_tokens_held > 3 * comp.stats.decode_tokens_read
+
+
+def test_quest_leaves_its_first_layers_dense():
+    """Layers below dense_layers read every page (dense attention); the others select."""
+    page_size, budget, scale = 4, 24, DIM ** -0.5
+    comp = make_quest(budget, page_size=page_size, dense_layers=1)
+    seq = Sequence("r0", 90, 91, torch.Generator().manual_seed(4))
+    comp.begin_step([StepRequest("r0", 0, 90, 90)])
+    for layer in range(LAYERS):
+        comp.forward_layer(layer, seq.q[layer, :90], seq.k[layer, :90], seq.v[layer, :90], scale)
+    comp.end_step()
+    comp.begin_step([StepRequest("r0", 90, 1, 90)])
+    outs = [comp.forward_layer(layer, seq.q[layer, 90:91], seq.k[layer, 90:91],
+                               seq.v[layer, 90:91], scale) for layer in range(LAYERS)]
+    comp.end_step()
+    torch.testing.assert_close(outs[0], seq.dense(0, 90, 91, scale))
+    torch.testing.assert_close(outs[1][0], naive_quest(seq, 1, 90, page_size,
+                                                       budget // page_size, scale))
+    assert Quest(budget=24).dense_layers == 2  # the paper's choice is the default
 
 
 def test_quest_reading_every_page_is_dense_attention():

@@ -66,8 +66,7 @@ def test_a_runner_missing_a_hook_is_refused_naming_it(monkeypatch):
 
 @pytest.mark.parametrize("spec,reason", [
     (MLAAttentionSpec(**SPEC), "multi-head latent attention"),
-    (SlidingWindowSpec(**SPEC, sliding_window=128), "SlidingWindowSpec cache"),
-    (FullAttentionSpec(**SPEC, sliding_window=128), "sliding-window"),
+    (FullAttentionSpec(**SPEC, attention_chunk_size=128), "chunked-local"),
     (MambaSpec(block_size=32, shapes=((4, 4),), dtypes=(torch.float32,)), "MambaSpec cache"),
 ])
 def test_layer_kinds_the_plugin_cannot_compress_are_refused(spec, reason):
@@ -75,14 +74,21 @@ def test_layer_kinds_the_plugin_cannot_compress_are_refused(spec, reason):
         check_layer_spec("model.layers.3.self_attn.attn", spec)
 
 
-def test_full_attention_layers_are_accepted():
-    check_layer_spec("model.layers.0.self_attn.attn", FullAttentionSpec(**SPEC))
+@pytest.mark.parametrize("spec", [FullAttentionSpec(**SPEC),
+                                  FullAttentionSpec(**SPEC, sliding_window=128),
+                                  SlidingWindowSpec(**SPEC, sliding_window=128)])
+def test_full_and_sliding_window_layers_are_accepted(spec):
+    check_layer_spec("model.layers.0.self_attn.attn", spec)
 
 
-def session(**options) -> KVCompressSession:
+def session(layer_types=None, **options) -> KVCompressSession:
     vllm_config = SimpleNamespace(
         additional_config={"kvcompress": {"policy": "snapkv", "budget": 0.25, **options}},
-        parallel_config=SimpleNamespace(tensor_parallel_size=1))
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=SimpleNamespace(
+            max_model_len=256, get_num_attention_heads=lambda p: 9, get_num_layers=lambda p: 1,
+            hf_text_config=SimpleNamespace(layer_types=layer_types, sliding_window=64)),
+        scheduler_config=SimpleNamespace(max_num_seqs=2))
     return KVCompressSession(vllm_config, torch.device("cpu"), "v2")
 
 
@@ -107,9 +113,18 @@ def test_stats_ride_on_the_output_a_runner_returns(monkeypatch):
     assert s.annotate(None) is None
 
 
-def impl() -> KVCompressAttentionImpl:
+def impl(window=None) -> KVCompressAttentionImpl:
     return KVCompressAttentionImpl(num_heads=2, head_size=8, scale=0.35, num_kv_heads=1,
-                                   alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+                                   alibi_slopes=None, sliding_window=window,
+                                   kv_cache_dtype="auto")
+
+
+def attach(s: KVCompressSession, layer: KVCompressAttentionImpl):
+    name = "model.layers.0.self_attn.attn"
+    group = SimpleNamespace(layer_names=[name], kv_cache_spec=FullAttentionSpec(**SPEC))
+    config = SimpleNamespace(kv_cache_groups=[group],
+                             kv_cache_tensors=[SimpleNamespace(size=1 << 20)])
+    return s.attach(config, {name: SimpleNamespace(impl=layer)}, [])
 
 
 def metadata(tokens: int) -> KVCompressMetadata:
@@ -134,16 +149,14 @@ def test_a_bad_decode_kernel_name_is_refused(monkeypatch):
     from vllm_kvcompress.vllm.runners import session as module
 
     monkeypatch.setenv(module.DECODE_KERNEL_ENV, "cuda-graphs")
-    s = session()
-    group = SimpleNamespace(layer_names=["model.layers.0.self_attn.attn"],
-                            kv_cache_spec=FullAttentionSpec(**SPEC))
-    s.vllm_config.parallel_config.pipeline_parallel_size = 1
-    s.vllm_config.model_config = SimpleNamespace(max_model_len=256,
-                                                 get_num_attention_heads=lambda p: 9)
-    s.vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=2)
-    layer = impl()
-    config = SimpleNamespace(kv_cache_groups=[group],
-                             kv_cache_tensors=[SimpleNamespace(size=1 << 20)])
     with pytest.raises(Unsupported, match="KVCOMPRESS_DECODE_KERNEL='cuda-graphs'; allowed: "
                                           "triton, cpu, torch"):
-        s.attach(config, {"model.layers.0.self_attn.attn": SimpleNamespace(impl=layer)}, [])
+        attach(session(layer_types=["full_attention"]), impl())
+
+
+def test_local_layers_must_match_what_the_scheduler_reads_from_the_config():
+    compressor = attach(session(layer_types=["sliding_attention"]), impl(window=64))
+    assert compressor.windows == (64,) and "pos" in compressor.store.parts
+    assert attach(session(layer_types=["full_attention"]), impl()).windows == (None,)
+    with pytest.raises(Unsupported, match="sliding windows \\[None\\] differ"):
+        attach(session(layer_types=["sliding_attention"]), impl())

@@ -126,6 +126,7 @@ def chunk_attention(
     *,
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A chunk of ``n`` new tokens of one request attends its row and itself.
 
@@ -136,6 +137,8 @@ def chunk_attention(
     ``soft_cap`` and ``sinks`` [Hq]: see the module's docstring (either one
     takes the blocked path: SDPA has neither). The mass, with ``need_mass``, is
     the probabilities summed over the group's heads and the chunk's queries.
+    ``window``: sliding-window attention, query ``i`` sees only the ``window`` slots
+    ending at itself (the row holds consecutive positions, oldest first).
     """
     n, num_q_heads, head_dim = q.shape
     num_kv_heads, total, _ = keys.shape
@@ -146,11 +149,14 @@ def chunk_attention(
         # SDPA's fused kernel; GQA by broadcasting each KV head over its group.
         expand = (num_kv_heads, group, total, head_dim)
         k, v = keys.unsqueeze(1).expand(expand), values.unsqueeze(1).expand(expand)
-        if total == n and not lens_before.any():  # a fresh prompt: plain causal, no mask
+        if total == n and not lens_before.any() and window is None:  # plain causal, no mask
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), None
         limit = lens_before.view(-1, 1, 1) + torch.arange(n, device=q.device).view(1, -1, 1)
-        visible = (slot.view(1, 1, -1) <= limit).unsqueeze(1)  # [H, 1, n, T]
+        visible = slot.view(1, 1, -1) <= limit
+        if window is not None:
+            visible = visible & (slot.view(1, 1, -1) > limit - window)
+        visible = visible.unsqueeze(1)  # [H, 1, n, T]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
         return out.reshape(num_q_heads, n, head_dim).transpose(0, 1), None
     out = torch.empty_like(q)
@@ -159,6 +165,8 @@ def chunk_attention(
         end = min(n, start + query_block)
         limit = lens_before.view(-1, 1, 1) + torch.arange(start, end, device=q.device).view(1, -1, 1)
         visible = slot.view(1, 1, -1) <= limit  # [H, b, T]
+        if window is not None:
+            visible = visible & (slot.view(1, 1, -1) > limit - window)
         block_out, block_mass = _attend(
             q[:, :, start:end], keys, values, visible, scale, need_mass, soft_cap=soft_cap,
             sinks=None if sinks is None else sinks.view(num_kv_heads, group),

@@ -71,6 +71,14 @@ def shares_keys(policy: Policy | None, num_layers: int) -> bool:
     return policy is not None and any(policy.key_source(i) != i for i in range(num_layers))
 
 
+def last_recompression(policy: Policy, prompt_len: int, computed_before: int) -> int:
+    """The length at which decode-time compression last brought a request back to its
+    budget before a step starting at ``computed_before``: the prompt's end, then every
+    ``decode_every`` tokens after it (``prompt_len + k * decode_every``)."""
+    every = policy.decode_every
+    return prompt_len + every * ((computed_before - prompt_len) // every)
+
+
 def layer_pages_bound(
     policy: Policy,
     plan: LayerPlan | None,
@@ -80,8 +88,18 @@ def layer_pages_bound(
     prompt_len: int,
     computed_before: int,
     total_after: int,
+    recompressed: tuple[int, tuple[int, ...]] | None = None,
+    window: int | None = None,
 ) -> int:
-    """Upper bound of the pages one layer of a request holds during a step."""
+    """Upper bound of the pages one layer of a request holds during a step.
+
+    ``recompressed``: under decode-time compression, the length of the last
+    recompression and the per-layer tokens a head kept then (see
+    :func:`request_pages_bound`). ``window``: a local (sliding-window) layer, which
+    enters a step with at most ``window - 1`` tokens and is left alone by the policy."""
+    if window is not None:
+        return num_kv_heads * pages_for(min(total_after, window - 1 + total_after
+                                            - computed_before), page_size)
     shared = plan.shared[layer] if plan is not None and plan.shared is not None else 0
     # A shared-key layer holds its distant tokens' values two to a slot, apart from its row.
     value_pages = num_kv_heads * pages_for(shared, 2 * page_size)
@@ -107,6 +125,10 @@ def layer_pages_bound(
         return (total + num_kv_heads * (page_size - 1)) // page_size
     if policy.decode_capped:
         counts = [min(c, plan.cap[layer] + num_new) for c in counts]
+    if recompressed is not None:
+        # Since then a head has only grown, and compresses again at the step's end.
+        at, kept = recompressed
+        counts = [min(c, kept[layer] + total_after - at) for c in counts]
     return sum(pages_for(c - shared, page_size) for c in counts) + value_pages
 
 
@@ -123,11 +145,20 @@ def request_pages_bound(
     prompt_len: int,
     computed_before: int,
     total_after: int,
+    windows: tuple[int | None, ...] | None = None,
 ) -> int:
-    """Pages one request may hold during a step, over all layers and KV heads."""
+    """Pages one request may hold during a step, over all layers and KV heads;
+    ``windows``: each layer's sliding window (``None``: a global layer)."""
+    recompressed = None
+    if policy is not None and policy.decode_every and plan is not None \
+            and computed_before >= prompt_len:
+        at = last_recompression(policy, prompt_len, computed_before)
+        kept = plan.kept if at == prompt_len else plan_layers(policy, at, num_layers).kept
+        recompressed = (at, kept)
     return sum(
         layer_pages_bound(policy, plan, layer, num_kv_heads, page_size, prompt_len,
-                          computed_before, total_after)
+                          computed_before, total_after, recompressed,
+                          windows[layer] if windows else None)
         for layer in range(num_layers)
     )
 
@@ -145,6 +176,7 @@ class BlockGeometry:
     page_size: int
     num_layers: int
     num_kv_heads: int
+    windows: tuple[int | None, ...] | None = None  # per layer: sliding window, or global
 
     def __post_init__(self) -> None:
         if self.block_size % self.page_size:

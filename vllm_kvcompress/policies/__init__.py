@@ -26,6 +26,16 @@ def policy_names() -> list[str]:
     return ["none", *sorted(_REGISTRY)]
 
 
+def policy_class(name: str) -> type[Policy] | None:
+    """The class registered as ``name`` (``None`` for ``none``, plain vLLM)."""
+    _load_builtin()
+    if name == "none":
+        return None
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
+    return _REGISTRY[name]
+
+
 def build_policy(name: str, **kwargs: Any) -> Policy:
     """Instantiate a registered policy; raises ValueError naming the choices."""
     _load_builtin()
@@ -55,4 +65,5 @@ def _load_builtin() -> None:
     )
 
 
-__all__ = ["LayerInputs", "Policy", "build_policy", "policy_names", "register", "resolve_budget"]
+__all__ = ["LayerInputs", "Policy", "build_policy", "policy_class", "policy_names", "register",
+           "resolve_budget"]

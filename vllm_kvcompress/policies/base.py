@@ -84,10 +84,18 @@ class Policy(ABC):
     # Kept entries may stand for several tokens (SpindleKV's merging): the store
     # keeps a count per slot and attention weighs a slot by count * exp(q . k).
     needs_counts: ClassVar[bool] = False
+    # The page format it runs on unless --kv-quant says otherwise (LeanKV: K8V4).
+    default_format: ClassVar[str] = "none"
+    # It chooses what decode reads, per server (Quest), instead of what is stored.
+    selects_pages: ClassVar[bool] = False
 
     budget: float | int = 0.25
     window: int = 32  # observation window: last prompt tokens whose queries vote
     sink_tokens: int = 4  # first tokens that are always kept
+    # Decode-time compression: every ``decode_every`` generated tokens, score the whole
+    # cache again (the last ``window`` queries voting) and evict back to the budget, so a
+    # long generation holds at most budget + decode_every tokens a (layer, KV head).
+    decode_every: int | None = None
 
     def __post_init__(self) -> None:
         if not (0 < self.budget <= 1 or self.budget >= 16):
@@ -98,6 +106,23 @@ class Policy(ABC):
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.decode_every is not None:
+            if isinstance(self.decode_every, bool) or not isinstance(self.decode_every, int) \
+                    or self.decode_every < 1:
+                raise ValueError(f"decode_every must be a whole number >= 1, got "
+                                 f"{self.decode_every!r}")
+            if why := self.recompression_problem():
+                raise ValueError(f"{self.name} cannot compress during decode: {why}")
+
+    def recompression_problem(self) -> str | None:
+        """Why this policy cannot re-score its cache while decoding, or ``None``."""
+        if self.decode_capped:
+            return "it already keeps its budget at every decode step"
+        if not self.uniform_heads:
+            return "its heads keep different numbers of tokens (per-head budgets)"
+        if type(self).key_source is not Policy.key_source:
+            return "its layers share keys"
+        return None
 
     # -- budgets -----------------------------------------------------------
     def layer_budgets(self, num_tokens: int, num_layers: int) -> list[int]:
@@ -171,16 +196,35 @@ class Policy(ABC):
         raise NotImplementedError(f"{self.name} does not evict during decode")
 
 
-def runtime_traits(policy: Policy | None) -> tuple[bool, bool, bool, bool]:
-    """What the page store and the decode path must do for ``policy``.
+@dataclass(frozen=True)
+class Needs:
+    """What the page store and the decode path must do for a policy.
 
-    Policies that agree on these share a store and a batch, so a request may
-    choose any of them on a server started with another (per-request override).
+    Policies with equal needs share a store and a batch, so a request may choose
+    any of them on a server started with another (per-request override). The
+    config checks, the store's slot metadata and the scheduler's accounting read
+    these, never a policy's name.
     """
-    if policy is None:
-        return (False, False, False, False)
-    return (policy.decode_capped, policy.needs_attention_mass, policy.needs_counts,
-            type(policy).key_source is not Policy.key_source)
+
+    decode_capped: bool = False  # held at budget while decoding: slot positions kept
+    attention_mass: bool = False  # every key's received attention accumulated
+    counts: bool = False  # merged entries weighted by how many tokens they stand for
+    shared_keys: bool = False  # some layers read their distant keys from another layer
+
+    @classmethod
+    def of(cls, policy_class: type[Policy] | None) -> Needs:
+        """What a policy class declares (``None``: nothing evicted, no needs)."""
+        if policy_class is None:
+            return cls()
+        return cls(decode_capped=policy_class.decode_capped,
+                   attention_mass=policy_class.needs_attention_mass,
+                   counts=policy_class.needs_counts,
+                   shared_keys=policy_class.key_source is not Policy.key_source)
+
+
+def runtime_traits(policy: Policy | None) -> Needs:
+    """The :class:`Needs` of ``policy`` (``None``: nothing evicted, no needs)."""
+    return Needs.of(None if policy is None else type(policy))
 
 
 def protect(scores: torch.Tensor, sink_tokens: int, recent_tokens: int) -> torch.Tensor:

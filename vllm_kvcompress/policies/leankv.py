@@ -27,6 +27,7 @@ class LeanKV(SnapKV):
     """
 
     name: ClassVar[str] = "leankv"
+    default_format: ClassVar[str] = "k8v4"  # keys need more precision than values
     uniform_heads: ClassVar[bool] = False
 
     mass_threshold: float = 0.95  # share of a head's attention mass its kept tokens hold

@@ -28,6 +28,19 @@ class Quest(Policy):
 
     name: ClassVar[str] = "quest"
     evicts: ClassVar[bool] = False
+    selects_pages: ClassVar[bool] = True
+    # The first layers read every page, as in the paper's evaluation: their attention is
+    # spread over the whole context, so page bounds there pick poorly.
+    dense_layers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dense_layers < 0:
+            raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+
+    def selects(self, layer: int) -> bool:
+        """Whether decode in ``layer`` reads only the top pages."""
+        return layer >= self.dense_layers
 
     def layer_budgets(self, num_tokens: int, num_layers: int) -> list[int]:
         return [num_tokens] * num_layers  # keeps everything

@@ -27,7 +27,8 @@ from vllm_kvcompress.policies import policy_names
 
 GROUP_TITLE = "KVCompress"
 _FLAGS = {"kv_policy": "policy", "kv_budget": "budget", "kv_window": "window",
-          "kv_quant": "quant", "kv_page_size": "page_size", "kv_decode_budget": "decode_budget"}
+          "kv_quant": "quant", "kv_page_size": "page_size", "kv_decode_budget": "decode_budget",
+          "kv_decode_every": "decode_every"}
 
 # On CPU, vLLM reserves 92% of a NUMA node for KV unless told otherwise and
 # refuses to start when that much is not free.
@@ -85,6 +86,10 @@ def add_cli_args(parser):
     group.add_argument("--kv-decode-budget", type=_budget_arg, default=None,
                        help="Quest on top of an eviction policy: tokens (or a fraction of the "
                             "cache) each decode step reads, as whole pages chosen per query.")
+    group.add_argument("--kv-decode-every", type=_positive_int, default=None, metavar="N",
+                       help="Decode-time compression: every N generated tokens, score the whole "
+                            "cache again and evict back to the budget (a request holds at most "
+                            "budget + N tokens a layer and KV head).")
     group.add_argument("--kv-page-size", type=_positive_int, default=None,
                        help="Tokens per page of one (layer, KV head); a power of two.")
     group.add_argument("--kv-config", type=_preset_arg, default=None, metavar="PATH",
@@ -129,6 +134,9 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
         engine_args.enable_prefix_caching = False
     if not current_platform.is_cpu():
         engine_args.attention_backend = "CUSTOM"  # our backend, registered by the worker
+        # Sliding-window layers share one KV-cache group with the global ones (as on CPU,
+        # where vLLM has no hybrid manager): the page store holds both kinds.
+        engine_args.disable_hybrid_kv_cache_manager = True
         if not engine_args.enforce_eager:
             # The compressor's page bookkeeping runs on the host between layers; a CUDA
             # graph would replay one step's page tables forever.

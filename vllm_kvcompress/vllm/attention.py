@@ -89,8 +89,7 @@ class KVCompressAttentionImpl(AttentionImpl):
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, sinks=None, **kwargs) -> None:
         unsupported = {
-            "ALiBi": alibi_slopes is not None, "sliding window": sliding_window is not None,
-            "logits soft-cap": bool(logits_soft_cap), "attention sinks": sinks is not None,
+            "ALiBi": alibi_slopes is not None,
             "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
             f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
         }
@@ -101,6 +100,13 @@ class KVCompressAttentionImpl(AttentionImpl):
         self.head_size = head_size
         self.scale = float(scale)
         self.attn_type = attn_type
+        self.sliding_window = sliding_window  # a local layer: the compressor keeps its window
+        self.logits_soft_cap = logits_soft_cap or None  # Gemma 2
+        # gpt-oss: one learned logit per (local) query head; a parameter loaded after this.
+        self.sinks = sinks
+        if sinks is not None and tuple(sinks.shape) != (num_heads,):
+            raise NotImplementedError(f"kvcompress: attention sinks of shape {tuple(sinks.shape)}"
+                                      f", expected one per query head ({num_heads})")
         self.layer_index: int | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -121,13 +127,17 @@ class KVCompressAttentionImpl(AttentionImpl):
             # Profiling and warm-up runs: no requests, nothing cached.
             output[:n] = self._dense(query[:n], key[:n], value[:n], attn_metadata.query_start_loc)
             return output
+        output[:n] = self.session.compressor.forward_layer(
+            self.layer_index_of(layer.layer_name), query, key, value, self.scale,
+            soft_cap=self.logits_soft_cap, sinks=self.sinks)
+        return output
+
+    def layer_index_of(self, layer_name: str) -> int:
         if self.layer_index is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
-            self.layer_index = extract_layer_index(layer.layer_name)
-        output[:n] = self.session.compressor.forward_layer(self.layer_index, query, key, value,
-                                                            self.scale)
-        return output
+            self.layer_index = extract_layer_index(layer_name)
+        return self.layer_index
 
     def _dense(self, query, key, value, query_start_loc) -> torch.Tensor:
         """Causal attention inside each request, no cache (profiling runs)."""
@@ -139,5 +149,6 @@ class KVCompressAttentionImpl(AttentionImpl):
                 out[start:end] = chunk_attention(
                     query[start:end], key[start:end].transpose(0, 1),
                     value[start:end].transpose(0, 1), no_history, self.scale,
+                    window=self.sliding_window, soft_cap=self.logits_soft_cap, sinks=self.sinks,
                 )[0]
         return out

@@ -94,8 +94,7 @@ def report(model: str, serve_args: list[str]) -> tuple[list[tuple[str, str]], bo
     kinds = {"multi-head latent attention": model_config.use_mla,
              "attention/Mamba hybrid layers": model_config.is_hybrid,
              "attention-free layers": model_config.is_attention_free,
-             "an encoder-decoder": model_config.is_encoder_decoder,
-             "sliding-window attention": model_config.get_sliding_window() is not None}
+             "an encoder-decoder": model_config.is_encoder_decoder}
     problems += [f"the model has {what}" for what, present in kinds.items() if present]
     enabled = bool(config) and any(v not in (None, "none", {}) for k, v in config.items()
                                    if k in ("policy", "quant", "decode_budget"))

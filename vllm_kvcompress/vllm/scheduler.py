@@ -24,6 +24,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvcompress.config import KVCompressConfig, RequestPolicies
 from vllm_kvcompress.paging.accounting import BlockGeometry, plan_layers, request_pages_bound
+from vllm_kvcompress.vllm.layers import layer_windows
 from vllm_kvcompress.vllm.metrics import STATS_KEY, SchedulerMetrics
 
 logger = init_logger("vllm.kvcompress")
@@ -50,6 +51,7 @@ class CompressedKVCacheManager(KVCacheManager):
             page_size=config.page_size,
             num_layers=model.get_num_layers(parallel),
             num_kv_heads=model.get_num_kv_heads(parallel),
+            windows=layer_windows(vllm_config, model.get_num_layers(parallel)),
         )
         manager._plans = {}
 
@@ -68,7 +70,7 @@ class CompressedKVCacheManager(KVCacheManager):
         geometry = self.geometry
         pages = request_pages_bound(
             policy, plan, geometry.num_layers, geometry.num_kv_heads, geometry.page_size,
-            request.num_prompt_tokens, computed_before, total_after,
+            request.num_prompt_tokens, computed_before, total_after, geometry.windows,
         )
         return geometry.blocks_for_pages(pages)
 

@@ -54,7 +54,7 @@ SURFACE: list[Touch] = [
     *_fields("vllm.engine.arg_utils", "EngineArgs", None, "set or checked before the config",
              "additional_config", "speculative_config", "kv_cache_dtype",
              "enable_prefix_caching", "attention_backend", "block_size",
-             "kv_cache_memory_bytes", "enforce_eager"),
+             "kv_cache_memory_bytes", "enforce_eager", "disable_hybrid_kv_cache_manager"),
     *_fields("vllm.config.scheduler", "SchedulerConfig", None, "our scheduler",
              "scheduler_cls", "async_scheduling", "max_num_seqs"),
     *_fields("vllm.config.parallel", "ParallelConfig", None, "our worker; refusals",
@@ -157,6 +157,8 @@ SURFACE: list[Touch] = [
              "sliding_window", "attention_chunk_size"),
     Touch("vllm.v1.kv_cache_interface", "MLAAttentionSpec", "class", (), None,
           "refused: latent cache"),
+    *_fields("vllm.v1.kv_cache_interface", "SlidingWindowSpec", None, "local layers",
+             "sliding_window"),
     # -- workers (worker.py) ----------------------------------------------------------------
     *_methods("vllm.v1.worker.cpu_worker", "CPUWorker", None, "adopt the runner; self-check",
               init_device=(), compile_or_warm_up_model=()),

@@ -71,19 +71,24 @@ class Unsupported(RuntimeError):
 
 
 def check_layer_spec(name: str, spec) -> None:
-    """Refuse KV-cache layer kinds whose cache is not plain per-token K and V."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+    """Refuse KV-cache layer kinds whose cache is not plain per-token K and V.
+
+    Sliding-window layers are served (as local layers: the plugin keeps their window);
+    with vLLM's hybrid KV-cache manager off they share one group with the others."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
 
     kind = type(spec).__name__
-    if isinstance(spec, MLAAttentionSpec):
+    if isinstance(spec, MLAAttentionSpec) or "MLA" in kind:
         raise Unsupported(f"layer {name} is multi-head latent attention ({kind}); its latent "
                           "cache is not compressed yet")
-    if not isinstance(spec, FullAttentionSpec) or kind != "FullAttentionSpec":
+    plain = (isinstance(spec, FullAttentionSpec) and kind == "FullAttentionSpec") or \
+        (isinstance(spec, SlidingWindowSpec) and kind == "SlidingWindowSpec")
+    if not plain:
         raise Unsupported(f"layer {name} keeps a {kind} cache (Mamba, linear attention, "
-                          "cross-attention or sliding-window state); only full-attention "
-                          "decoder layers are compressed")
-    if spec.sliding_window is not None or spec.attention_chunk_size is not None:
-        raise Unsupported(f"layer {name} uses sliding-window or chunked-local attention")
+                          "cross-attention or attention-sink state); only full and "
+                          "sliding-window attention decoder layers are compressed")
+    if getattr(spec, "attention_chunk_size", None) is not None:
+        raise Unsupported(f"layer {name} uses chunked-local attention")
 
 
 class KVCompressSession:
@@ -103,8 +108,15 @@ class KVCompressSession:
         self._faults = os.environ.get(FAULTS_ENV) == "1"
 
     # -- start-up ------------------------------------------------------------
+    def _windows(self, num_layers: int) -> tuple[int | None, ...]:
+        from vllm_kvcompress.vllm.layers import layer_windows
+
+        return layer_windows(self.vllm_config, num_layers)
+
     def _store_shape(self, spec, num_layers: int) -> StoreShape:
         policy = self.config.build_policy()
+        model = self.vllm_config.model_config
+        windowed = any(self._windows(model.get_num_layers(self.vllm_config.parallel_config)))
         return StoreShape(
             num_layers=num_layers,
             num_kv_heads=spec.num_kv_heads,
@@ -112,7 +124,7 @@ class KVCompressSession:
             page_size=self.config.page_size,
             dtype=spec.dtype,
             format=page_format(self.config.page_format),
-            metadata=metadata_for(policy),
+            metadata=metadata_for(policy, windowed),
             key_bounds=self.config.quest_budget is not None,
             value_rows=shares_keys(policy, num_layers),
         )
@@ -148,6 +160,17 @@ class KVCompressSession:
                 raise Unsupported(
                     f"layer {name} runs {type(impl).__name__}, not the plugin's attention "
                     f"backend (attention backend selection changed in this vLLM?)")
+        # The scheduler reserves pages from the windows it reads in the model's config:
+        # they must be the layers' own.
+        windows = self._windows(len(layer_names))
+        actual = [None] * len(layer_names)
+        for name in layer_names:
+            impl = forward_context[name].impl
+            actual[impl.layer_index_of(name)] = impl.sliding_window
+        if tuple(actual) != windows:
+            raise Unsupported(f"the layers' sliding windows {actual} differ from what the "
+                              f"model's config says ({list(windows)}), which the scheduler "
+                              "reserves pages by")
         model = self.vllm_config.model_config
         shape = self._store_shape(spec, len(layer_names))
         total_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
@@ -165,10 +188,10 @@ class KVCompressSession:
         try:
             self.compressor = KVCompressor(
                 store, self.policies.resolve(None), model.get_num_attention_heads(parallel),
-                selector=self.config.build_selector(), decode_kernel=kernel,
+                selector=self.config.build_selector(), decode_kernel=kernel, windows=windows,
             )
-        except RuntimeError as exc:  # a decode kernel asked for by name that cannot run here
-            raise Unsupported(str(exc)) from None
+        except (RuntimeError, ValueError) as exc:  # a decode kernel that cannot run here;
+            raise Unsupported(str(exc)) from None  # key sharing with local layers
         for name in layer_names:
             forward_context[name].impl.session = self
         for group in attn_groups:
