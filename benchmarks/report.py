@@ -1,25 +1,41 @@
-"""Regenerate README's results section from results/*.json (no hand-typed numbers).
+"""Render docs/results.md and README.md's generated blocks from results/*.json.
 
     python -m benchmarks.report
 
-Rewrites the text between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
-Every table names the command that produced it; a benchmark not run yet is
-listed as such.
+The numbers come only from the results files; a table's title, command and machine come from
+the file's own metadata where it has them (``title``, ``command``, ``machine`` or ``device``),
+and every sentence around the numbers from ``benchmarks/report.yaml``. One renderer per shape
+of results file (``KINDS``) turns it into table lines plus the values the YAML's templates may
+name. README.md keeps its own text; only what lies between ``<!-- NAME:begin -->`` and
+``<!-- NAME:end -->`` is rewritten (``readme:`` in the YAML).
 """
 
 from __future__ import annotations
 
 import json
+import string
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-RESULTS = Path("results")
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+SPEC = Path(__file__).with_name("report.yaml")
+RESULTS_MD = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
 
 
-def _load(name: str) -> dict | None:
+def load(name: str) -> dict | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def spec() -> dict:
+    return yaml.safe_load(SPEC.read_text())
 
 
 def _n(count: float) -> str:
@@ -27,142 +43,199 @@ def _n(count: float) -> str:
     return f"{round(count, 2):g}"
 
 
-def _on(data: dict) -> str:
-    """" on <machine>" for results that name the machine they ran on (older ones do not)."""
-    return f" on {data['machine']}" if "machine" in data else ""
+def _seq(value) -> list:
+    return value if isinstance(value, (list, tuple)) else [value]
 
 
-def memory_section(data: dict) -> list[str]:
-    lines = [
-        "### Bytes per stored token",
-        "",
-        f"`python -m benchmarks.memory` (head_dim {data['head_dim']}, {data['layers']} layers x "
-        f"{data['kv_heads']} KV heads; scales and slot metadata included)",
-        "",
-        "| format | policy | bytes / token-head (bf16 model) | vs bf16 cache | vs fp32 cache |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for r in data["rows"]:
-        if r["policy"] in ("none", "h2o"):
-            lines.append(f"| {r['format']} | {r['policy']} | {r['token_head_bytes_bf16']} | "
-                         f"{r['vs_bf16']:.3f} | {r['vs_fp32']:.3f} |")
-    return lines
+class _Formatter(string.Formatter):
+    JOINS: ClassVar[dict[str, str]] = {"list": ", ", "and": " and ", "plus": " + ",
+                                       "slash": " / "}
+
+    def format_field(self, value, spec: str) -> str:
+        if spec in self.JOINS:
+            return self.JOINS[spec].join(map(str, _seq(value)))
+        if spec == "MB":
+            return f"{value / 1e6:.0f} MB"
+        if spec == "n":
+            return _n(value)
+        if spec == "pct":
+            return f"{100 * value:.0f}%"
+        if spec == "ms":  # seconds, shown in milliseconds
+            return f"{1000 * value:.0f}"
+        if spec == "range":
+            low, high = value
+            return str(low) if low == high else f"{low}-{high}"
+        return super().format_field(value, spec)
 
 
-def fidelity_section(data: dict, name: str = "fidelity",
-                     title: str = "Fidelity to the full cache") -> list[str]:
-    command = data.get("command", "python -m benchmarks.fidelity")
-    lines = [
-        f"### {title}",
-        "",
-        f"`{command}`" + _on(data)
-        + f" ({data['prompts']} prompts of ~{data['context_tokens']} "
-        f"tokens, {data['tokens']} greedy tokens each, against plain vLLM in the same run; "
-        "agreement and KL teacher-forced along plain vLLM's continuation, prefix free-running)",
-        "",
-        f"| configuration | KV tokens in {data['kv_bytes'] / 1e6:.0f} MB | greedy agreement "
-        "| KL (top-20 est.) | free-running tokens before first difference |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for config, r in data["configs"].items():
+def fill(template: str, values: dict) -> str:
+    return _Formatter().vformat(template, (), values)
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    """A markdown table; ``align`` has an ``l`` or ``r`` a column (default: first left)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    return ["| " + " | ".join(header) + " |",
+            "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |",
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+@dataclass
+class Rendered:
+    lines: list[str]  # the table(s), right after the section's opening line
+    values: dict = field(default_factory=dict)  # for the YAML's templates
+    after: list[str] = field(default_factory=list)  # after the notes, before the plot
+    details: list[str] = field(default_factory=list)  # last (a collapsed list of commands)
+
+
+# --- renderers: one per shape of results file --------------------------------------------
+
+
+def throughput(data: dict, spec: dict) -> Rendered:
+    """Online runs; values: level (the most clients), ceiling (ample over plain), offline."""
+    configs = data["configs"]
+    plain, ample = configs.get("plain"), configs.get("plain-ample")
+    levels = sorted(next(iter(configs.values()))["online"], key=int)
+    level = levels[-1]
+
+    def tps(row: dict | None, at: str = level) -> float | None:
+        return None if row is None else row["online"][at]["output_tokens_per_s"]
+
+    rows = []
+    for name, row in configs.items():
+        r = row["online"][level]
+        vs = [f"{tps(row) / tps(ref):.2f}x" if ref is not None else "" for ref in (plain, ample)]
+        rows.append([name, f"{r['output_tokens_per_s']:.1f}", *vs, f"{r['requests_per_s']:.3f}",
+                     f"{r['peak_running']:.0f}", f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}",
+                     f"{1000 * r['tpot_p50_s']:.0f} / {1000 * r['tpot_p99_s']:.0f}"])
+    out = Rendered(table(["configuration", "output tok/s", "vs plain", "vs ample", "requests/s",
+                          "peak running", "TTFT p50 / p99 (s)", "TPOT p50 / p99 (ms)"], rows),
+                   {"level": level})
+    if plain is not None and ample is not None:
+        out.values["ceiling"] = tps(ample) / tps(plain)
+    if len(levels) > 1:  # a concurrency sweep: tok/s at every level, against plain at that level
+        sweep = []
+        for name, row in configs.items():
+            cells = [f"{tps(row, c):.1f}" + (f" ({tps(row, c) / tps(plain, c):.2f}x)"
+                                            if plain is not None and row is not plain else "")
+                     for c in levels]
+            sweep.append([name, *cells])
+        out.after += ["", spec["sweep_caption"], "",
+                      *table(["configuration", *(f"{c} clients" for c in levels)], sweep)]
+    offline = {n: row["offline"] for n, row in configs.items() if "offline" in row}
+    if offline:
+        out.values["offline"] = ", ".join(f"{n} {r['output_tokens_per_s']:.1f} tok/s"
+                                          for n, r in offline.items())
+        out.after += ["", fill(spec["offline_caption"], out.values)]
+    return out
+
+
+def offline_throughput(data: dict, spec: dict) -> Rendered:
+    configs = data["configs"]
+
+    def tps(name: str) -> float | None:
+        return configs[name]["offline"]["output_tokens_per_s"] if name in configs else None
+
+    rows = []
+    for name, row in configs.items():
+        r = row["offline"]
+        vs = [f"{r['output_tokens_per_s'] / tps(ref):.2f}x" if tps(ref) else ""
+              for ref in ("plain", "plain-ample")]
+        rows.append([name, f"{r['output_tokens_per_s']:.1f}", *vs, f"{r['requests_per_s']:.3f}",
+                     f"{r['elapsed_s']:.0f}"])
+    return Rendered(table(["configuration", "output tok/s", "vs plain", "vs ample",
+                           "requests/s", "seconds"], rows))
+
+
+def rows(data: dict, spec: dict) -> Rendered:
+    """``data["rows"]`` (a list, or a dict whose keys become ``name``) under the YAML's columns."""
+    items = data["rows"]
+    items = [{"name": k, **v} for k, v in items.items()] if isinstance(items, dict) else items
+    columns = spec["columns"]
+    return Rendered(table([c["header"] for c in columns],
+                          [[fill(c["cell"], r) for c in columns] for r in items],
+                          "".join("r" if c.get("align") == "right" else "l" for c in columns)))
+
+
+def fidelity(data: dict, spec: dict) -> Rendered:
+    body = []
+    for name, r in data["configs"].items():
         if "error" in r:
-            lines.append(f"| {config} | cannot run on this machine: {r['error']} | | | |")
-        else:
-            lines.append(f"| {config} | {r['kv_tokens']} | {100 * r['agreement']:.1f}% | "
-                         f"{max(r['kl'], 0.0):.4f} | {r['prefix_tokens']:.0f} |")  # float noise below 0
-    lines += ["", f"![{name}](results/{name}.png)"]
-    return lines
+            body.append([name, f"cannot run on this machine: {r['error']}", "", "", ""])
+        else:  # KL: float noise can fall below 0
+            body.append([name, r["kv_tokens"], f"{100 * r['agreement']:.1f}%",
+                         f"{max(r['kl'], 0.0):.4f}", f"{r['prefix_tokens']:.0f}"])
+    return Rendered(table(["configuration", f"KV tokens in {data['kv_bytes'] / 1e6:.0f} MB",
+                           "greedy agreement", "KL (top-20 est.)",
+                           "free-running tokens before first difference"], body))
 
 
-def policies_fidelity_section(data: dict) -> list[str]:
-    return fidelity_section(data, "fidelity_policies", "Fidelity of the eviction policies")
+def _budgets(configs: dict) -> list[float]:
+    return sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
 
 
-def accuracy_section(data: dict) -> list[str]:
+def _policies(configs: dict) -> list[str]:
+    return list(dict.fromkeys(n.split("@")[0] for n in configs if "@" in n))
+
+
+def _at(configs: dict, policy: str, budget: float) -> dict | None:
+    return configs.get(f"{policy}@{budget}") or configs.get(f"{policy}@{budget:g}")
+
+
+def accuracy(data: dict, spec: dict) -> Rendered:
+    """Values: full_correct, full_total (plain vLLM's full cache)."""
     tasks, configs = data["tasks"], data["configs"]
-    budgets = sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
-    full = configs["full"]
-    lines = [
-        "### Long-context accuracy",
-        "",
-        f"`python -m benchmarks.accuracy` ({' and '.join(tasks)}, {data['samples_per_task']} "
-        f"prompts each of ~{data['context_tokens']} tokens; plain vLLM's full cache in the same "
-        f"run: {_n(full['correct'])}/{full['total']}). A cell: correct answers "
-        f"({' + '.join(tasks)}) and the share of the full cache's.",
-        "",
-        "| policy | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
-        "| --- | " + " | ".join("---:" for _ in budgets) + " |",
-    ]
-    for policy in dict.fromkeys(n.split("@")[0] for n in configs if "@" in n):
+    budgets = _budgets(configs)
+    body = []
+    for policy in _policies(configs):
         cells = []
         for b in budgets:
-            r = configs.get(f"{policy}@{b}") or configs.get(f"{policy}@{b:g}")
+            r = _at(configs, policy, b)
             if r is None:
                 cells.append("")
                 continue
-            split = " + ".join(_n(r["per_task"][t]) for t in tasks)
             rel = "" if r["relative"] is None else f" ({100 * r['relative']:.0f}%)"
+            split = " + ".join(_n(r["per_task"][t]) for t in tasks)
             cells.append(f"{_n(r['correct'])}/{r['total']} = {split}{rel}")
-        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy](results/accuracy.png)"]
-    return lines
-
-
-def accuracy_grid_section(
-    data: dict, name: str = "accuracy_grid",
-    title: str = "Long-context accuracy over lengths and budgets",
-) -> list[str]:
-    """Several tasks, lengths and budgets: the full cache per task, then each policy's share."""
-    tasks, configs, contexts = data["tasks"], data["configs"], data["context_tokens"]
-    contexts = [contexts] if isinstance(contexts, int) else contexts
-    budgets = sorted({float(n.split("@")[1]) for n in configs if "@" in n}, reverse=True)
-    per = data["samples_per_task"]
-    command = data.get("command", "python -m benchmarks.accuracy")
-    if "full" not in configs:  # still running: nothing is measured at every length yet
-        return [f"### {title}", "",
-                f"`{command}`: not finished; "
-                f"measured so far: {', '.join(data.get('incomplete', {})) or 'nothing'}."]
+        body.append([policy, *cells])
     full = configs["full"]
+    return Rendered(table(["policy", *(f"budget {b:g}" for b in budgets)], body),
+                    {"full_correct": full["correct"], "full_total": full["total"]})
+
+
+def accuracy_grid(data: dict, spec: dict) -> Rendered:
+    """Tasks x lengths x budgets: the full cache per task, then each policy's share; the YAML's
+    targets. Values: task_count, contexts, full_correct, full_total, runs, merged, per_length."""
+    tasks, configs = data["tasks"], data["configs"]
+    contexts = _seq(data["context_tokens"])
+    values = {"task_count": len(tasks), "contexts": contexts}
+    earlier = data.get("resumed_from", [])
+    if earlier:  # gathered over many runs: their commands go below the table, not in the header
+        values["merged"] = "".join(fill(spec["merged"], {"file": f})
+                                   for f in data.get("merged_from", []))
+        values["runs"] = len(earlier) + 1
+        values["source"] = fill(spec["gathered"], values)
+    if "full" not in configs:  # still running: nothing is measured at every length yet
+        values["measured"] = ", ".join(data.get("incomplete", {})) or "nothing"
+        return Rendered([fill(spec["unfinished"], values)], values)
+    full = configs["full"]
+    values.update(full_correct=full["correct"], full_total=full["total"],
+                  per_length=fill(spec["per_length"], values) if len(contexts) > 1 else "")
 
     def part(r: dict, ctx: int) -> dict:
         return r["per_context"][str(ctx)] if "per_context" in r else r
 
-    earlier = data.get("resumed_from", [])
-    # A grid filled in over many resumed runs would bury the table under its commands.
-    source = (f"`{command}`" if not earlier else
-              f"{len(earlier) + 1} runs of `benchmarks.accuracy` gathered in one file with "
-              "`--resume` or `--merge` (listed below the table" + "".join(
-                  f"; `{f}`, run beside them on the other core, folded in with `--merge`"
-                  for f in data.get("merged_from", [])) + ")")
-    lines = [
-        f"### {title}",
-        "",
-        source + _on(data) + f" ({len(tasks)} tasks, {per} "
-        f"prompts each at ~{', '.join(map(str, contexts))} tokens, plain vLLM's full cache in the "
-        "same run; a sample scores the share of its answers found, RULER's string match). "
-        f"The full cache's score per task, out of {per}:",
-        "",
-        "| task | " + " | ".join(f"~{c} tokens" for c in contexts) + " |",
-        "| --- | " + " | ".join("---:" for _ in contexts) + " |",
-    ]
-    for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(_n(part(full, c)["per_task"][task])
-                                                  for c in contexts) + " |")
-    lines += [
-        "",
-        f"Each policy: correct answers over every task and length, and the share of the full "
-        f"cache's ({_n(full['correct'])}/{full['total']})"
-        + (f", then the share at each length ({' / '.join(map(str, contexts))} tokens)."
-           if len(contexts) > 1 else "."),
-        "",
-        "| policy | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
-        "| --- | " + " | ".join("---:" for _ in budgets) + " |",
-    ]
+    lines = [fill(spec["full_caption"], {**data, **values}), "",
+             *table(["task", *(f"~{c} tokens" for c in contexts)],
+                    [[t, *(_n(part(full, c)["per_task"][t]) for c in contexts)] for t in tasks]),
+             "", fill(spec["policy_caption"], {**data, **values}), ""]
+    budgets = _budgets(configs)
     shares: dict[float, dict[str, float]] = {b: {} for b in budgets}
-    for policy in dict.fromkeys(n.split("@")[0] for n in configs if "@" in n):
+    body = []
+    for policy in _policies(configs):
         cells = []
         for b in budgets:
-            r = configs.get(f"{policy}@{b}") or configs.get(f"{policy}@{b:g}")
+            r = _at(configs, policy, b)
             if r is None:
                 cells.append("")
                 continue
@@ -173,336 +246,293 @@ def accuracy_grid_section(
                 rel = f" ({100 * r['relative']:.0f}%" + (": " + " / ".join(
                     "-" if v is None else f"{100 * v:.0f}" for v in each) if each else "") + ")"
             cells.append(f"{_n(r['correct'])}/{r['total']}{rel}")
-        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
-    targets = []
-    for b, bar in ((0.25, 0.95), (0.1, 0.85)):
-        if shares.get(b):
-            met = [p for p, v in shares[b].items() if v >= bar]
-            missed = [f"{p} ({100 * v:.0f}%)" for p, v in shares[b].items() if v < bar]
-            targets.append(f"at budget {b:g}, >= {100 * bar:.0f}% of the full cache: "
-                           f"met by {', '.join(met) or 'none'}"
-                           + (f"; missed by {', '.join(missed)}" if missed else ""))
-    if targets:
-        lines += ["", "Targets: " + "; ".join(targets) + "."]
-    lines += ["", f"![{name}](results/{name}.png)"]
+        body.append([policy, *cells])
+    lines += table(["policy", *(f"budget {b:g}" for b in budgets)], body)
+    out = Rendered(lines, values)
+    verdicts = []
+    for target in spec.get("targets", []):
+        got = shares.get(target["budget"])
+        if got:
+            missed = [f"{p} ({100 * v:.0f}%)" for p, v in got.items() if v < target["share"]]
+            verdicts.append(fill(spec["target"], {
+                **target, "met": ", ".join(p for p, v in got.items() if v >= target["share"])
+                or "none", "missed": fill(spec["missed"], {"missed": ", ".join(missed)})
+                if missed else ""}))
+    if verdicts:
+        out.values["targets"] = "; ".join(verdicts)
+        out.after += ["", f"Targets: {out.values['targets']}."]
     if earlier:
-        lines += ["", "<details><summary>The commands behind these numbers</summary>", "",
-                  *(f"- `{c}`" for c in [*earlier, command]), "", "</details>"]
-    return lines
+        out.details = ["<details><summary>The commands behind these numbers</summary>", "",
+                       *(f"- `{c}`" for c in [*earlier, data["command"]]), "", "</details>"]
+    return out
 
 
-def _grid(name: str, title: str) -> Callable[[dict], list[str]]:
-    """The grid's section for another grid-shaped results file, under its own title and plot."""
-    return lambda data: accuracy_grid_section(data, name, title)
+def tuning(data: dict, spec: dict) -> Rendered:
+    """Values: full_correct, full_total."""
+    configs, contexts = data["configs"], data["context_tokens"]
+    body = []
+    for name, r in configs.items():
+        rel = "" if r.get("relative") is None else f"{100 * r['relative']:.0f}%"
+        label = "full cache" if name == "full" else name.partition("=")[2]
+        body.append([label, f"{_n(r['correct'])}/{r['total']}", rel,
+                     " / ".join(_n(r["per_context"][str(c)]) for c in contexts)])
+    full = configs.get("full", {})
+    return Rendered(table([data["arg"], "score", "of the full cache",
+                           " / ".join(map(str, contexts)) + " tokens"], body),
+                    {"full_correct": full.get("correct", 0), "full_total": full.get("total", 0)})
 
 
-def kvpress_section(data: dict) -> list[str]:
-    ours = (_load("accuracy") or {}).get("configs", {})
-    # The same presses with the question compressed too (``--split none``), when run.
-    whole = (_load("kvpress_split_none") or {}).get("configs", {})
+def lab(data: dict, spec: dict) -> Rendered:
+    """Beside the ``compare_with`` grid's score on the same prompts, when they are the same.
+    Values: full_correct, full_total, prompts, grid_column."""
+    configs, contexts, tasks = data["configs"], data["context_tokens"], data["tasks"]
+    grid = load(spec["compare_with"]) if spec.get("compare_with") else None
+    if data["held_out"] or not grid or grid["samples_per_task"] != data["samples_per_task"]:
+        grid = None  # other prompts than the lab's: nothing to compare with
+    body = []
+    for name, r in configs.items():
+        rel = "" if r.get("relative") is None else f"{100 * r['relative']:.0f}%"
+        row = ["full cache" if name == "full" else f"`{name}`", f"{r['kept']:.3f}",
+               f"{_n(r['correct'])}/{len(r['per_sample'])}", rel,
+               " / ".join(_n(r["per_context"][str(c)]) for c in contexts),
+               " / ".join(_n(r["per_task"][t]) for t in tasks)]
+        if grid:
+            served = grid["configs"].get(name)
+            got = [s for s in served["per_sample"] if s["task"] in tasks
+                   and s["context_tokens"] in contexts] if served else []
+            row.append(_n(sum(s["correct"] for s in got))
+                       if served and len(got) == len(r["per_sample"]) else "")
+        body.append(row)
+    header = ["configuration", "kept", "score", "of the full cache",
+              " / ".join(map(str, contexts)) + " tokens", " / ".join(tasks)]
+    full = configs["full"]
+    return Rendered(table(header + (["vLLM grid"] if grid else []), body), {
+        "full_correct": full["correct"], "full_total": len(full["per_sample"]),
+        "prompts": spec["held_out_prompts" if data["held_out"] else "prompts"],
+        "grid_column": spec["grid_column"] if grid else ""})
+
+
+def kvpress(data: dict, spec: dict) -> Rendered:
+    """kvpress with the question apart, with it compressed (``question_compressed``), and ours
+    (``ours``). Values: total, errors."""
+    from benchmarks.kvpress_compare import PRESSES  # the benchmark's order, whatever was resumed
+
+    ours = (load(spec["ours"]) or {}).get("configs", {})
+    whole = (load(spec["question_compressed"]) or {}).get("configs", {})
     total = data["samples_per_task"] * len(data["tasks"])
-    lines = [
-        "### Against NVIDIA kvpress",
-        "",
-        f"`python -m benchmarks.kvpress_compare` (kvpress {data['kvpress_version']}, transformers "
-        f"{data['transformers_version']}, in a venv of its own) on the accuracy benchmark's "
-        f"{total} prompts, and `--split none --out results/kvpress_split_none.json`; our column "
-        "is `benchmarks.accuracy`'s (the full cache there is plain vLLM). Correct answers out of "
-        f"{total} ({' + '.join(data['tasks'])}). kvpress's pipeline normally compresses the "
-        "context without the question, so its window never sees it; with `--split none` the "
-        "question is compressed with the rest, as our plugin does (its window ends on the question).",
-        "",
-        "| method | budget | kvpress, question apart | kvpress, question compressed | vllm-kvcompress |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
 
     def cell(r: dict | None) -> str:
         if r is None:
             return "not run"
         if r.get("error"):
-            kind = r["error"].split(":", 1)[0]
-            failed = r.get("errors", total)
-            return f"fails on {failed} of {total} prompts ({kind}, below)"
+            return (f"fails on {r.get('errors', total)} of {total} prompts "
+                    f"({r['error'].split(':', 1)[0]}, below)")
         return f"{_n(r['correct'])} = " + " + ".join(_n(r["per_task"][t]) for t in data["tasks"])
 
-    # The benchmark's order (full, then its presses), whatever order a --resume measured them in.
-    from benchmarks.kvpress_compare import PRESSES
-
     order = ["full", *PRESSES]
+    body = []
     for name, r in sorted(data["configs"].items(),
                           key=lambda item: order.index(item[0].partition("@")[0])):
         method, _, budget = name.partition("@")
-        lines.append(f"| {method} | {budget or '1.0'} | {cell(r)} | {cell(whole.get(name))} | "
-                     f"{cell(ours.get(name))} |")
+        body.append([method, budget or "1.0", cell(r), cell(whole.get(name)),
+                     cell(ours.get(name))])
+    out = Rendered(table(["method", "budget", "kvpress, question apart",
+                          "kvpress, question compressed", "vllm-kvcompress"], body,
+                         "lrrrr"), {"total": total})
     failed = {name: r["error"].split("; ")[0] for name, r in data["configs"].items()
               if r.get("error")}
     if failed:
-        lines += ["", "kvpress's errors, the first of each configuration: " + "; ".join(
-            f"{name}: `{error}`" for name, error in failed.items()) + "."]
+        out.values["errors"] = "; ".join(f"{n}: `{e}`" for n, e in failed.items())
+    return out
+
+
+def kernels(data: dict, spec: dict) -> Rendered:
+    """ms per decode step by context and batch, one column a method (``cell`` formats one);
+    ``compare``: each ``prefix`` method's time over the ``baseline``'s. Values: comparison."""
+    methods = list(dict.fromkeys(k for r in data["rows"] for k, v in r.items()
+                                 if isinstance(v, dict)))
+    body = [[r["context"], r["batch"], *(fill(spec["cell"], r[m]) if m in r else ""
+                                          for m in methods)] for r in data["rows"]]
+    out = Rendered(table(["context", "batch", *methods], body, "r" * (2 + len(methods))))
+    compare = spec.get("compare")
+    if compare:
+        base, spans = compare["baseline"], []
+        for m in methods:
+            if not m.startswith(compare["prefix"]):
+                continue
+            ratios = [r[m]["ms"] / r[base]["ms"] for r in data["rows"] if m in r and base in r]
+            if ratios:
+                wins = sum(x <= 1 for x in ratios)
+                spans.append(f"{m.removeprefix(compare['prefix'])} {min(ratios):.2f}-"
+                             f"{max(ratios):.2f}x (no slower at {wins} of {len(ratios)} shapes)")
+        if spans:
+            out.values["comparison"] = "; ".join(spans)
+    return out
+
+
+def tests(data: dict, spec: dict) -> Rendered:
+    """pytest outcomes per test function. Values: passed, failed, skipped (totals)."""
+    outcomes = ("passed", "failed", "skipped")
+    totals = Counter()
+    body = []
+    for name, counts in data["tests"].items():
+        totals.update(counts)
+        body.append([f"`{name}`", *(counts.get(o, "") for o in outcomes)])
+    body.append(["all", *(f"**{totals[o]}**" for o in outcomes)])
+    return Rendered(table(["test", *outcomes], body), dict(totals))
+
+
+def contract_summary(data: dict) -> list[str]:
+    """Entries per vLLM version: ok, runner-removed, failed (every other status)."""
+    body = []
+    for version in data["vllm_versions"]:
+        counts = data["summary"][version]
+        failed = sum(v for k, v in counts.items() if k not in ("ok", "runner-removed"))
+        body.append([version, counts.get("ok", 0), counts.get("runner-removed", 0), failed])
+    return table(["vLLM", "ok", "runner-removed", "failed"], body)
+
+
+def contract(data: dict, spec: dict) -> Rendered:
+    out = Rendered(contract_summary(data))
+    failures = [f"- {version}: `{e['entry']}`: {r['status']} ({r['detail']})"
+                for e in data["entries"] for version, r in e["results"].items()
+                if r["status"] not in ("ok", "runner-removed")]
+    if failures:
+        out.after += ["", spec["failures_caption"], "", *failures]
+    return out
+
+
+KINDS: dict[str, Callable[[dict, dict], Rendered]] = {
+    "throughput": throughput, "offline_throughput": offline_throughput, "rows": rows,
+    "fidelity": fidelity, "accuracy": accuracy, "accuracy_grid": accuracy_grid,
+    "tuning": tuning, "lab": lab, "kvpress": kvpress, "kernels": kernels, "tests": tests,
+    "contract": contract}
+
+
+# --- assembling --------------------------------------------------------------------------
+
+
+def section(spec: dict, data: dict | None = None) -> list[str]:
+    """One results file's section: title, where it came from, table(s), notes, plot."""
+    name = spec["file"]
+    data = load(name) if data is None else data
+    meta = data or {}
+    title = meta.get("title") or spec["title"]
+    command = meta.get("command") or spec.get("command") or f"python -m benchmarks.{name}"
+    if data is None:
+        return [f"### {title}", "", f"Not run yet: `{command}`."]
+    out = KINDS[spec["kind"]](data, spec)
+    values = {**data, "command": command, **out.values}
+    machine = data.get("machine") or data.get("device")
+    head = out.values.get("source", f"`{command}`") + (f" on {machine}" if machine else "")
+    if spec.get("intro"):
+        head += f" ({fill(spec['intro'], values)})"
+    lines = [f"### {title}", "", head.rstrip(".") + ".", "", *out.lines]
+    for note in spec.get("notes", []):
+        if isinstance(note, str) or note["when"] in out.values:
+            lines += ["", fill(note if isinstance(note, str) else note["text"], values)]
+    lines += out.after
+    if (RESULTS / f"{name}.png").exists():
+        lines += ["", f"![{name}](../results/{name}.png)"]
+    if out.details:
+        lines += ["", *out.details]
     return lines
 
 
-def tuning_section(data: dict) -> list[str]:
-    configs, contexts = data["configs"], data["context_tokens"]
-    full = configs.get("full")
-    lines = [
-        f"### Choosing {data['policy']}'s {data['arg']} (held-out prompts)",
-        "",
-        f"`{data['command']}`{_on(data)} ({', '.join(data['tasks'])}; "
-        f"{data['samples_per_task']} prompts each at ~{', '.join(map(str, contexts))} tokens, "
-        f"drawn with other seeds and at other depths than the grid's; budget {data['budget']:g}"
-        + (f"; plain vLLM's full cache in the same run: {_n(full['correct'])}/{full['total']}"
-           if full else "") + ").",
-        "",
-        f"| {data['arg']} | score | of the full cache | "
-        + " / ".join(map(str, contexts)) + " tokens |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for name, r in configs.items():
-        rel = "" if r.get("relative") is None else f"{100 * r['relative']:.0f}%"
-        split = " / ".join(_n(r["per_context"][str(c)]) for c in contexts)
-        label = "full cache" if name == "full" else name.partition("=")[2]
-        lines.append(f"| {label} | {_n(r['correct'])}/{r['total']} | {rel} | {split} |")
-    lines += ["", f"![tuning](results/tuning_{data['policy']}_{data['arg']}.png)"]
-    return lines
+def section_spec(name: str) -> dict:
+    """The YAML's section for results file ``name``."""
+    return next(s for g in spec()["groups"] for s in g["sections"] if s["file"] == name)
 
 
-def lab_section(data: dict) -> list[str]:
-    configs, contexts, tasks = data["configs"], data["context_tokens"], data["tasks"]
-    full = configs["full"]
-    grid = _load("accuracy_grid")
-    if data["held_out"] or not grid or grid["samples_per_task"] != data["samples_per_task"]:
-        grid = None  # other prompts than the lab's: nothing to compare with
-    prompts = "benchmarks.tuning's held-out prompts" if data["held_out"] else "the grid's prompts"
-    lines = [
-        "### Policy lab: score against the KV actually kept",
-        "",
-        f"`{data['command']}`{_on(data)} ({', '.join(tasks)}; "
-        f"{data['samples_per_task']} of {prompts} per task at ~"
-        f"{', '.join(map(str, contexts))} tokens; the full cache in the same run: "
-        f"{_n(full['correct'])}/{len(full['per_sample'])}). One transformers prefill a prompt, "
-        "every configuration's decode over it with the evicted keys masked out: an exploration "
-        "tool, not the serving path (no page formats: LeanKV here is its selection without "
-        "K8V4). *kept*: the share of the prompt's token-heads a configuration kept."
-        + (" *vLLM grid*: the accuracy grid's score on the same prompts, served by vLLM."
-           if grid else ""),
-        "",
-        "| configuration | kept | score | of the full cache | "
-        + " / ".join(map(str, contexts)) + " tokens | " + " / ".join(tasks) + " |"
-        + (" vLLM grid |" if grid else ""),
-        "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if grid else ""),
-    ]
-    for name, r in configs.items():
-        rel = "" if r.get("relative") is None else f"{100 * r['relative']:.0f}%"
-        split = " / ".join(_n(r["per_context"][str(c)]) for c in contexts)
-        per_task = " / ".join(_n(r["per_task"][t]) for t in tasks)
-        label = "full cache" if name == "full" else f"`{name}`"
-        line = (f"| {label} | {r['kept']:.3f} | {_n(r['correct'])}/{len(r['per_sample'])} | "
-                f"{rel} | {split} | {per_task} |")
-        if grid:
-            served = grid["configs"].get(name)
-            rows = [s for s in served["per_sample"] if s["task"] in tasks
-                    and s["context_tokens"] in contexts] if served else []
-            same = served and len(rows) == len(r["per_sample"])
-            line += f" {_n(sum(s['correct'] for s in rows))} |" if same else " |"
-        lines.append(line)
-    return lines
+def _rendering(name: str) -> Callable[[dict], list[str]]:
+    return lambda data: section(section_spec(name), data)
 
 
-def scoring_section(data: dict) -> list[str]:
-    lines = [
-        "### Selection time (ChunkKV's layer-wise index reuse)",
-        "",
-        f"`python -m benchmarks.scoring` (one {data['tokens']}-token prompt, {data['layers']} "
-        f"layers of the default model's shape, {data['threads']} threads; median)",
-        "",
-        "| setting | ms per prompt | vs ChunkKV without reuse |",
-        "| --- | ---: | ---: |",
-    ]
-    for name, r in data["rows"].items():
-        lines.append(f"| {name} | {1000 * r['seconds']:.0f} | {r['vs_chunkkv_no_reuse']:.2f}x |")
-    return lines
+# The sections the benchmarks' own tests render (tests/test_tasks.py, tests/test_tuning.py).
+accuracy_section = _rendering("accuracy")
+accuracy_grid_section = _rendering("accuracy_grid")
+tuning_section = _rendering("tuning_pyramidkv_beta")
 
 
-def kernels_section(data: dict) -> list[str]:
-    methods = [k for k in data["rows"][0] if isinstance(data["rows"][0][k], dict)]
-    lines = [
-        "### Decode step of one layer",
-        "",
-        f"`{data.get('command', 'python -m benchmarks.kernels')}` on {data['device']} "
-        f"({data['threads']} threads, "
-        f"{data['dtype']}, {data['kv_heads']} KV heads x {data['group']} query heads, head_dim "
-        f"{data['head_dim']}, pages of {data['page_size']}); ms per step",
-        "",
-        "| context | batch | " + " | ".join(methods) + " |",
-        "| ---: | ---: | " + " | ".join("---:" for _ in methods) + " |",
-    ]
-    for r in data["rows"]:
-        cells = " | ".join(f"{r[m]['ms']:.2f}" if m in r else "" for m in methods)
-        lines.append(f"| {r['context']} | {r['batch']} | {cells} |")
-    ours = [m for m in methods if m.startswith("cpu-paged-")]
-    rows = [r for r in data["rows"] if "vllm-cpu" in r]
-    if ours and rows:  # issue 6's CPU bar: no slower than vLLM's op over the same tokens
-        spans = []
-        for m in ours:
-            ratios = [r[m]["ms"] / r["vllm-cpu"]["ms"] for r in rows if m in r]
-            wins = sum(x <= 1 for x in ratios)
-            spans.append(f"{m.removeprefix('cpu-paged-')} {min(ratios):.2f}-{max(ratios):.2f}x "
-                         f"(no slower at {wins} of {len(ratios)} shapes)")
-        lines += ["", "Our kernel's time over vLLM's CPU op's, same tokens: "
-                  + "; ".join(spans) + "."]
-    return lines
+def render_results(spec_: dict | None = None) -> str:
+    """docs/results.md."""
+    spec_ = spec_ or spec()
+    lines = ["# Results", "", spec_["results_intro"].strip(), ""]
+    for group in spec_["groups"]:
+        lines += [f"- [{group['title']}](#{_anchor(group['title'])})"]
+    for group in spec_["groups"]:
+        lines += ["", f"## {group['title']}"]
+        for s in group["sections"]:
+            lines += ["", *section(s)]
+    return "\n".join(lines) + "\n"
 
 
-def throughput_section(data: dict, title: str = "Throughput under memory pressure",
-                       image: str = "throughput") -> list[str]:
-    configs = data["configs"]
-    plain, ample = configs.get("plain"), configs.get("plain-ample")
-    level = max(next(iter(configs.values()))["online"], key=int)  # the highest concurrency run
-
-    def tps(row: dict | None) -> float | None:
-        return None if row is None else row["online"][level]["output_tokens_per_s"]
-
-    lines = [
-        f"### {title}",
-        "",
-        f"`{data.get('command', 'python -m benchmarks.throughput')}`"
-        + _on(data) + f" ({data['requests']} requests, prompts "
-        f"{data['prompt_tokens'][0]}-{data['prompt_tokens'][1]} tokens, outputs "
-        f"{data['output_tokens'][0]}-{data['output_tokens'][1]} tokens, greedy, {level} streaming "
-        f"clients; a KV space of {data['kv_bytes'] / 1e6:.0f} MB, where plain vLLM runs "
-        "4 of the longest requests at once; `plain-ample`: plain vLLM with "
-        f"{data['ample_kv_bytes'] / 1e6:.0f} MB, the ceiling). Each configuration is its own "
-        "`vllm serve`, one after the other in the same run.",
-        "",
-        "| configuration | output tok/s | vs plain | vs ample | requests/s | peak running "
-        "| TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, row in configs.items():
-        r = row["online"][level]
-        vs = [f"{tps(row) / tps(ref):.2f}x" if ref is not None else ""
-              for ref in (plain, ample)]
-        lines.append(
-            f"| {name} | {r['output_tokens_per_s']:.1f} | {vs[0]} | {vs[1]} | "
-            f"{r['requests_per_s']:.3f} | {r['peak_running']:.0f} | "
-            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | "
-            f"{1000 * r['tpot_p50_s']:.0f} / {1000 * r['tpot_p99_s']:.0f} |")
-    if plain is not None and ample is not None:
-        lines += ["", f"The ceiling: with memory for every request, plain vLLM is "
-                  f"{tps(ample) / tps(plain):.2f}x faster than in the tight space, so that is the "
-                  "most compression can gain in this run."]
-    lines += _concurrency_sweep(configs, plain)
-    offline = {n: row["offline"] for n, row in configs.items() if "offline" in row}
-    if offline:
-        lines += ["", "Offline (`--offline`, `LLM.generate` over the same prompts): " + ", ".join(
-            f"{n} {r['output_tokens_per_s']:.1f} tok/s" for n, r in offline.items()) + "."]
-    lines += ["", f"![{image}](results/{image}.png)"]
-    return lines
+def _anchor(title: str) -> str:
+    return "".join(c for c in title.lower().replace(" ", "-") if c.isalnum() or c == "-")
 
 
-def _concurrency_sweep(configs: dict, plain: dict | None) -> list[str]:
-    """Output tok/s at every concurrency the run swept (nothing for a run of one level)."""
-    levels = sorted(next(iter(configs.values()))["online"], key=int)
-    if len(levels) < 2:
-        return []
-    lines = ["", "Output tok/s by the number of streaming clients (vs plain vLLM at the same "
-             "number):", "", "| configuration | " + " | ".join(f"{c} clients" for c in levels)
-             + " |", "| --- | " + " | ".join("---:" for _ in levels) + " |"]
-    for name, row in configs.items():
+def _metric(data: dict, key: str, metric: str) -> str:
+    row = data["configs"].get(key)
+    if row is None:
+        return ""
+    if metric in ("online", "offline"):
+        def tps(r: dict) -> float:
+            if metric == "offline":
+                return r["offline"]["output_tokens_per_s"]
+            return r["online"][max(r["online"], key=int)]["output_tokens_per_s"]
+
+        plain = data["configs"].get("plain")
+        return f"{tps(row):.1f}" + (f" ({tps(row) / tps(plain):.2f}x)" if plain else "")
+    if metric == "share":
+        return "" if row.get("relative") is None else f"{100 * row['relative']:.0f}%"
+    if metric == "agreement":
+        return "" if "agreement" not in row else f"{100 * row['agreement']:.1f}%"
+    raise ValueError(f"unknown headline metric {metric!r}")
+
+
+def headline(block: dict) -> list[str]:
+    """A few configurations against plain vLLM, one column a (results file, metric)."""
+    files = {c["header"]: [(f, load(f)) for f in _seq(c["file"])] for c in block["columns"]}
+    body = []
+    for row in block["rows"]:
         cells = []
-        for c in levels:
-            tps = row["online"][c]["output_tokens_per_s"]
-            base = plain["online"][c]["output_tokens_per_s"] if plain else None
-            cells.append(f"{tps:.1f}" + (f" ({tps / base:.2f}x)" if base and row is not plain
-                                         else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+        for c in block["columns"]:
+            got = ""
+            for name, data in files[c["header"]]:
+                key = row.get("as", {}).get(name, row["config"])
+                got = got or (_metric(data, key, c["metric"]) if data else "")
+            cells.append(got)
+        body.append([row["label"], *cells])
+    return [block["caption"].strip(), "",
+            *table(["configuration", *(c["header"] for c in block["columns"])], body)]
 
 
-def decode_throughput_section(data: dict) -> list[str]:
-    return throughput_section(data, "Throughput under memory pressure, decode-heavy",
-                              "throughput_decode")
+def readme_blocks(spec_: dict | None = None) -> dict[str, str]:
+    spec_ = spec_ or spec()
+    readme = spec_["readme"]
+    contract_data = load(readme["versions"]["file"])
+    return {"headline": "\n".join(headline(readme["headline"])),
+            "versions": "\n".join(contract_summary(contract_data) if contract_data
+                                  else ["Contract check not run yet."])}
 
 
-def offline_throughput_section(data: dict) -> list[str]:
-    configs = data["configs"]
-
-    def tps(name: str) -> float | None:
-        return configs[name]["offline"]["output_tokens_per_s"] if name in configs else None
-
-    lines = [
-        "### Throughput under memory pressure, offline",
-        "",
-        f"`{data.get('command', 'python -m benchmarks.throughput --modes offline')}`"
-        + _on(data) + " (`LLM.generate` over "
-        f"{data['requests']} prompts of {data['prompt_tokens'][0]}-{data['prompt_tokens'][1]} "
-        f"tokens, outputs {data['output_tokens'][0]}-{data['output_tokens'][1]} tokens, all "
-        "submitted at once; KV space "
-        f"{data['kv_bytes'] / 1e6:.0f} MB, `plain-ample` {data['ample_kv_bytes'] / 1e6:.0f} MB; "
-        "each configuration its own engine, one after the other in the same run)",
-        "",
-        "| configuration | output tok/s | vs plain | vs ample | requests/s | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, row in configs.items():
-        r = row["offline"]
-        vs = [f"{r['output_tokens_per_s'] / tps(ref):.2f}x" if tps(ref) else ""
-              for ref in ("plain", "plain-ample")]
-        lines.append(f"| {name} | {r['output_tokens_per_s']:.1f} | {vs[0]} | {vs[1]} | "
-                     f"{r['requests_per_s']:.3f} | {r['elapsed_s']:.0f} |")
-    lines += ["", "![throughput_offline](results/throughput_offline.png)"]
-    return lines
-
-
-SECTIONS = {"throughput": throughput_section, "throughput_decode": decode_throughput_section,
-            "throughput_offline": offline_throughput_section,
-            "memory": memory_section,
-            "fidelity": fidelity_section, "fidelity_policies": policies_fidelity_section,
-            "accuracy": accuracy_section, "accuracy_grid": accuracy_grid_section,
-            "accuracy_1k": _grid("accuracy_1k",
-                                 "Long-context accuracy at ~1000 tokens, with more prompts"),
-            "accuracy_8k": _grid("accuracy_8k",
-                                 "Long-context accuracy near the model's 8K context"),
-            "tuning_pyramidkv_beta": tuning_section, "lab": lab_section,
-            "kvpress": kvpress_section, "scoring": scoring_section, "kernels": kernels_section}
-# The benchmark behind each results file, where its name is not the file's.
-COMMANDS = {"throughput_decode": "python -m benchmarks.throughput --prompt-tokens 1000 2000 "
-                                 "--output-tokens 512 512 --out results/throughput_decode.json",
-            "throughput_offline": "python -m benchmarks.throughput --modes offline "
-                                  "--out results/throughput_offline.json",
-            "fidelity_policies": "python -m benchmarks.fidelity --configs plain snapkv@0.25 ... "
-                                 "--out results/fidelity_policies.json",
-            "accuracy_grid": "python -m benchmarks.accuracy --contexts 1000 2000 4000 --tasks ... "
-                             "--out results/accuracy_grid.json",
-            "accuracy_1k": "python -m benchmarks.accuracy --contexts 1000 --samples 12 --tasks ... "
-                           "--out results/accuracy_1k.json",
-            "accuracy_8k": "python -m benchmarks.accuracy --contexts 7500 --tasks ... "
-                           "--out results/accuracy_8k.json",
-            "tuning_pyramidkv_beta": "python -m benchmarks.tuning --policy pyramidkv --arg beta "
-                                     "--values 20 5 2"}
-
-
-def render() -> str:
-    lines: list[str] = []
-    for name, section in SECTIONS.items():
-        data = _load(name)
-        if data is None:
-            command = COMMANDS.get(name, f"python -m benchmarks.{name}")
-            lines += [f"### {name}", "", f"Not run yet: `{command}`."]
-        else:
-            lines += section(data)
-        lines.append("")
-    return "\n".join(lines)
+def splice(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with each ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` block replaced."""
+    for name, body in blocks.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin not in text or end not in text:
+            raise ValueError(f"README.md has no {begin} ... {end} block")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    return text
 
 
 def main() -> None:
-    readme = Path("README.md")
-    text = readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{render()}\n{END}{tail}")
-    print("README.md results section regenerated")
+    RESULTS_MD.parent.mkdir(exist_ok=True)
+    RESULTS_MD.write_text(render_results())
+    README.write_text(splice(README.read_text(), readme_blocks()))
+    print(f"regenerated {RESULTS_MD.relative_to(ROOT)} and README.md's generated blocks")
 
 
 if __name__ == "__main__":
