@@ -402,11 +402,22 @@ def contract(data: dict, spec: dict) -> Rendered:
     return out
 
 
+def long_generation(data: dict, spec: dict) -> Rendered:
+    """KV held by one long generation per configuration: its peak and its last sample."""
+    body = []
+    for name, row in data["configs"].items():
+        held = [s["held"] for s in row["samples"]]
+        body.append([f"`{name}`", f"{max(held):.0f}", f"{held[-1]:.0f}",
+                     f"{row.get('seconds', 0):.0f}"])
+    return Rendered(table(["configuration", "peak KV tokens held", "held at the last sample",
+                           "seconds"], body))
+
+
 KINDS: dict[str, Callable[[dict, dict], Rendered]] = {
     "throughput": throughput, "offline_throughput": offline_throughput, "rows": rows,
     "fidelity": fidelity, "accuracy": accuracy, "accuracy_grid": accuracy_grid,
     "tuning": tuning, "lab": lab, "kvpress": kvpress, "kernels": kernels, "tests": tests,
-    "contract": contract}
+    "contract": contract, "long_generation": long_generation}
 
 
 # --- assembling --------------------------------------------------------------------------
