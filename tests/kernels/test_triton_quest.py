@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vllm_kvcompress.kernels.triton as kernels
+from tests.kernels import references
 from tests.kernels.helpers import DEVICE, gpu_sweep, needs_triton
 from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
@@ -33,7 +34,7 @@ def check_bounds(rows, group, head_dim, width, pool, dtype, seed=0):
     query, key_bounds, table, num_pages, _ = random_rows(rows, group, head_dim, width, pool,
                                                          dtype, seed)
     bounds = kernels.quest_page_bounds(query, key_bounds, table, num_pages)
-    ref = kernels.quest_page_bounds_reference(query, key_bounds, table, num_pages)
+    ref = references.quest_page_bounds_reference(query, key_bounds, table, num_pages)
     held = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(bounds), held)  # -inf exactly past each row's pages
     torch.testing.assert_close(bounds[held], ref[held], atol=1e-4, rtol=1e-5)
@@ -42,9 +43,9 @@ def check_bounds(rows, group, head_dim, width, pool, dtype, seed=0):
 def check_select(rows, width, seed=0):
     query, key_bounds, table, num_pages, to_read = random_rows(rows, 1, 16, width, width,
                                                                torch.float32, seed)
-    bounds = kernels.quest_page_bounds_reference(query, key_bounds, table, num_pages)
+    bounds = references.quest_page_bounds_reference(query, key_bounds, table, num_pages)
     chosen, reading = kernels.quest_select(bounds, num_pages, to_read)
-    want, want_reading = kernels.quest_select_reference(bounds, num_pages, to_read)
+    want, want_reading = references.quest_select_reference(bounds, num_pages, to_read)
     assert chosen.shape == want.shape and torch.equal(reading, want_reading)
     assert torch.equal(chosen[:, 0], num_pages - 1)  # the newest page, always first
     for r in range(rows):  # pages of the same bounds read (ties: either page, in any order)

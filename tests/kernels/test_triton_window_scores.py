@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vllm_kvcompress.kernels.triton as kernels
+from tests.kernels import references
 from tests.kernels.helpers import DEVICE, gpu_sweep, needs_triton
 from vllm_kvcompress.policies.base import LayerInputs
 from vllm_kvcompress.policies.scoring import pool_scores, reduce_gqa, window_votes
@@ -24,7 +25,7 @@ def run_both(num_kv_heads, group, head_dim, num_keys, window, dtype, sum_gqa, se
     queries = (torch.randn(num_kv_heads * group, window, head_dim, generator=gen) * 2).to(dtype)
     args = (keys.to(DEVICE), queries.to(DEVICE), head_dim ** -0.5)
     return (kernels.window_scores(*args, sum_gqa=sum_gqa),
-            kernels.window_scores_reference(*args, sum_gqa=sum_gqa))
+            references.window_scores_reference(*args, sum_gqa=sum_gqa))
 
 
 def assert_close(out, ref, dtype):

@@ -27,13 +27,10 @@ if triton is not None:
     from vllm_kvcompress.kernels.triton.quantize import quantize_into, quantize_into_reference
     from vllm_kvcompress.kernels.triton.quest import (
         quest_page_bounds,
-        quest_page_bounds_reference,
         quest_select,
-        quest_select_reference,
     )
     from vllm_kvcompress.kernels.triton.window_scores import (
         window_scores,
-        window_scores_reference,
     )
 
     def _interpreted() -> bool:
@@ -52,9 +49,7 @@ if triton is not None:
     __all__ += [
         "paged_decode", "paged_decode_reference",
         "quantize_into", "quantize_into_reference",
-        "quest_page_bounds", "quest_page_bounds_reference",
-        "quest_select", "quest_select_reference",
-        "window_scores", "window_scores_reference",
+        "quest_page_bounds", "quest_select", "window_scores",
     ]
 else:
     INTERPRETED = False

@@ -1,6 +1,6 @@
 """Quest at decode: per-page upper bounds of ``q . k`` and the top pages of each row.
 
-Two kernels, each with the torch reference of ``policies.quest`` beside it:
+Two kernels, checked against ``policies.quest`` (tests/kernels/references.py):
 
 * :func:`quest_page_bounds`: program ``(row, page block)`` reads the key bounds
   of the row's pages straight from the store (``key_bounds[table[row, col]]``,
@@ -17,25 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcompress.policies.quest import page_bounds, select_pages
-
-
-def quest_page_bounds_reference(
-    query: torch.Tensor, key_bounds: torch.Tensor, table: torch.Tensor, num_pages: torch.Tensor,
-) -> torch.Tensor:
-    """Torch path: gather the pages' bounds, ``policies.quest.page_bounds``, -inf past the row."""
-    held = key_bounds[table.long()]  # [R, N, 2, D]
-    bounds = page_bounds(query, held[:, :, 0], held[:, :, 1])
-    columns = torch.arange(table.shape[1], device=table.device)
-    return bounds.masked_fill(columns >= num_pages.to(table.device)[:, None], float("-inf"))
-
-
-def quest_select_reference(
-    bounds: torch.Tensor, num_pages: torch.Tensor, pages_to_read: torch.Tensor, *,
-    width: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch path: ``policies.quest.select_pages`` (``width`` is read from ``pages_to_read``)."""
-    return select_pages(bounds, num_pages, pages_to_read)
 
 
 @triton.jit

@@ -22,17 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcompress.policies.scoring import reduce_gqa, window_attention
-
 _LOG2E = 1.4426950408889634
-
-
-def window_scores_reference(
-    keys: torch.Tensor, window_queries: torch.Tensor, scale: float, *, sum_gqa: bool = True
-) -> torch.Tensor:
-    """Torch path: ``policies.scoring.window_attention`` (+ ``reduce_gqa`` "sum")."""
-    attn = window_attention(keys, window_queries, scale)
-    return reduce_gqa(attn, keys.shape[0], "sum") if sum_gqa else attn
 
 
 @triton.jit
