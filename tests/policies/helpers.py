@@ -10,6 +10,15 @@ import torch
 from vllm_kvcompress.policies.base import LayerInputs
 
 
+SCORER_CASES = [  # (H, G, T, D, window) for the scorers' naive-reference tests
+    (1, 1, 1, 16, 32),
+    (2, 2, 20, 16, 32),  # T < window: everything is protected
+    (3, 3, 150, 64, 8),
+    (1, 2, 257, 16, 16),
+    (2, 1, 64, 64, 1),
+]
+
+
 def make_inputs(
     num_kv_heads: int,
     group: int,

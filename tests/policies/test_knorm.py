@@ -11,6 +11,7 @@ from vllm_kvcompress.policies.base import LayerInputs
 from vllm_kvcompress.policies.knorm import KNorm
 
 from .helpers import (
+    SCORER_CASES,
     assert_scores_close,
     assert_topk_mask,
     budget_sweep,
@@ -18,13 +19,7 @@ from .helpers import (
     naive_protected,
 )
 
-CASES = [  # (H, G, T, D, window)
-    (1, 1, 1, 16, 32),
-    (2, 2, 20, 16, 32),  # T < window: everything is protected
-    (3, 3, 150, 64, 8),
-    (1, 2, 257, 16, 16),
-    (2, 1, 64, 64, 1),
-]
+CASES = SCORER_CASES
 
 
 def naive_knorm(inputs, sink_tokens):

@@ -81,8 +81,7 @@ def report(model: str, serve_args: list[str]) -> tuple[list[tuple[str, str]], bo
     else:
         from vllm_kvcompress.vllm.runners import adapter_for
 
-        hooks = [n for n, v in vars(adapter_for(kind)).items()
-                 if callable(v) and not n.startswith("__")]
+        hooks = adapter_for(kind).hooks()
         lines.append(("runner adapter", f"{kind}: all {len(hooks)} hooks present "
                                         f"({', '.join(hooks)})"))
     backend = "CPU_ATTN" if device == "cpu" else "CUSTOM"

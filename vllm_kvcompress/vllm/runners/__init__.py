@@ -47,9 +47,7 @@ def adapter_for(kind: str) -> type:
 
 def dead_hooks(kind: str, runner_cls: type) -> list[str]:
     """The adapter's overrides that ``runner_cls`` does not define: hooks vLLM would never call."""
-    adapter = adapter_for(kind)
-    return [name for name, value in vars(adapter).items()
-            if callable(value) and not name.startswith("__") and not hasattr(runner_cls, name)]
+    return [name for name in adapter_for(kind).hooks() if not hasattr(runner_cls, name)]
 
 
 def adopt(runner) -> KVCompressSession:

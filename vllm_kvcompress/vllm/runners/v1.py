@@ -10,16 +10,11 @@ from __future__ import annotations
 import torch
 
 from vllm_kvcompress.paging.step import StepRequest
-from vllm_kvcompress.vllm.runners.session import KVCompressSession
+from vllm_kvcompress.vllm.runners.base import RunnerAdapter
 
 
-class V1RunnerAdapter:
+class V1RunnerAdapter(RunnerAdapter):
     """Mixed into the V1 runner's class by :func:`vllm_kvcompress.vllm.runners.adopt`."""
-
-    kvcompress: KVCompressSession
-
-    def get_kv_cache_spec(self):
-        return self.kvcompress.kv_cache_spec(super().get_kv_cache_spec())
 
     def initialize_kv_cache_tensors(self, kv_cache_config, kernel_block_sizes, *args, **kwargs):
         from vllm.v1.worker.utils import bind_kv_cache
@@ -55,18 +50,3 @@ class V1RunnerAdapter:
             for i, req_id in enumerate(batch.req_ids[:count])
         ])
         return super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
-
-    def _dummy_run(self, *args, **kwargs):
-        with self.kvcompress.dummy_run():
-            return super()._dummy_run(*args, **kwargs)
-
-    def execute_model(self, *args, **kwargs):
-        try:
-            # An output here means no sampling follows (e.g. a step that only frees
-            # finished requests): report then, so /metrics sees the pages come back.
-            return self.kvcompress.annotate(super().execute_model(*args, **kwargs))
-        finally:
-            self.kvcompress.end_step()
-
-    def sample_tokens(self, *args, **kwargs):
-        return self.kvcompress.annotate(super().sample_tokens(*args, **kwargs))

@@ -10,16 +10,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from vllm_kvcompress.paging.step import StepRequest
-from vllm_kvcompress.vllm.runners.session import KVCompressSession
+from vllm_kvcompress.vllm.runners.base import RunnerAdapter
 
 
-class V2RunnerAdapter:
+class V2RunnerAdapter(RunnerAdapter):
     """Mixed into the V2 runner's class by :func:`vllm_kvcompress.vllm.runners.adopt`."""
-
-    kvcompress: KVCompressSession
-
-    def get_kv_cache_spec(self):
-        return self.kvcompress.kv_cache_spec(super().get_kv_cache_spec())
 
     def initialize_kv_cache(self, kv_cache_config, *args, is_profiling: bool = False, **kwargs):
         if is_profiling:
@@ -55,16 +50,3 @@ class V2RunnerAdapter:
             for i, req_id in enumerate(batch_req_state.req_ids)
         ])
         return super().prepare_inputs(scheduler_output, batch_req_state, *args, **kwargs)
-
-    def _dummy_run(self, *args, **kwargs):
-        with self.kvcompress.dummy_run():
-            return super()._dummy_run(*args, **kwargs)
-
-    def execute_model(self, *args, **kwargs):
-        try:
-            return self.kvcompress.annotate(super().execute_model(*args, **kwargs))
-        finally:
-            self.kvcompress.end_step()
-
-    def sample_tokens(self, *args, **kwargs):
-        return self.kvcompress.annotate(super().sample_tokens(*args, **kwargs))
