@@ -13,7 +13,7 @@ and TPOT percentiles, peak running requests from vLLM's own gauge).
 Offline (``--modes offline``, or ``--offline`` for both): ``LLM.generate`` over the
 same prompts, one process per configuration. Writes results/throughput.json and
 results/throughput.png; an offline-only run goes to ``--out
-results/throughput_offline.json`` (its own table in the README).
+results/throughput_offline.json`` (its own table in docs/results.md).
 
 On 2 CPU cores one run of the default configurations takes about 8 minutes a
 configuration (``--offline`` doubles it).

@@ -5,7 +5,7 @@
         [--samples 4] [--resume] [--out results/tuning_pyramidkv_beta.json]
 
 Defaults are chosen here rather than on the accuracy grid, so that the grid the
-README reports is not the data a default was fitted to. The prompts are the
+results page reports is not the data a default was fitted to. The prompts are the
 grid's tasks (``benchmarks.tasks``) drawn with other seeds (each task's own plus
 100) at other depths ((i + 0.25) / samples instead of (i + 0.5) / samples). Each
 value is its own ``vllm serve``, started with a preset (``--kv-config``) that sets

@@ -1,4 +1,4 @@
-"""The held-out sweep: prompts apart from the grid's, counts, the README table (no vLLM)."""
+"""The held-out sweep: prompts apart from the grid's, counts, the results table (no vLLM)."""
 
 from __future__ import annotations
 

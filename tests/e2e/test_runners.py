@@ -71,7 +71,7 @@ def test_full_budget_gives_plain_tokens(default_model, runner, plain):
         assert metric(url, "kvcompress_prompt_tokens_total", policy="snapkv") > 300
 
 
-@on(*BOTH)
+@on(*BOTH, slow=("v2",))  # V2 keeps two checks in the default run, below and above
 def test_requests_choose_their_policy_and_budget(default_model, runner, plain):
     with vllm_server(default_model, "--kv-policy", "snapkv", "--kv-budget", "0.25",
                      runner=runner) as url:
@@ -87,7 +87,7 @@ def test_requests_choose_their_policy_and_budget(default_model, runner, plain):
     assert bad.status_code == 400 and "kv_policy" in bad.json()["error"]["message"]
 
 
-@on(*BOTH)
+@on(*BOTH, slow=("v2",))
 def test_quantized_pages_hold_more_tokens(default_model, runner, plain):
     with vllm_server(default_model, "--kv-quant", "k8v4", kv_bytes=KV_BYTES,
                      runner=runner) as url:

@@ -23,7 +23,7 @@ class PoD(SnapKV):
     tokens alike. The paper post-trains the model so that a layer's own query
     can use the shared keys; without training a query of one layer against
     keys of another is meaningless, so this training-free variant shares the
-    scores. Its accuracy cost is measured in the README, not assumed.
+    scores. Its accuracy cost is measured (docs/findings.md), not assumed.
     """
 
     name: ClassVar[str] = "pod"

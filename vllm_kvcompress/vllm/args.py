@@ -132,11 +132,11 @@ def prepare_engine_args(engine_args) -> KVCompressConfig:
         logger.info("kvcompress: prefix caching is off: compressed pages are per request and "
                     "cannot be shared by prefix")
         engine_args.enable_prefix_caching = False
+    # Sliding-window layers share one KV-cache group with the global ones: the page store
+    # holds both kinds. (vLLM 0.32's CPU platform has the hybrid manager too.)
+    engine_args.disable_hybrid_kv_cache_manager = True
     if not current_platform.is_cpu():
         engine_args.attention_backend = "CUSTOM"  # our backend, registered by the worker
-        # Sliding-window layers share one KV-cache group with the global ones (as on CPU,
-        # where vLLM has no hybrid manager): the page store holds both kinds.
-        engine_args.disable_hybrid_kv_cache_manager = True
         if not engine_args.enforce_eager:
             # The compressor's page bookkeeping runs on the host between layers; a CUDA
             # graph would replay one step's page tables forever.

@@ -113,6 +113,10 @@ def _series():
                 "kvcompress_tokens_kept",
                 "Tokens held in KV pages by running requests (full-token equivalents)", labels,
                 multiprocess_mode="mostrecent"),
+            "tokens_peak": Gauge(
+                "kvcompress_tokens_kept_peak",
+                "Highest kvcompress_tokens_kept since start, over every engine step (a scrape "
+                "sees only some)", labels, multiprocess_mode="max"),
             "tokens_logical": Gauge(
                 "kvcompress_tokens_logical",
                 "Tokens the running requests would hold without compression", labels,
@@ -152,6 +156,7 @@ class KVCompressStatLogger(_base()):
     def __init__(self, vllm_config, engine_indexes=None) -> None:
         self.model_name = vllm_config.model_config.served_model_name
         self.last: dict | None = None
+        self.peak: dict[str, float] = {}  # policy -> highest tokens_held recorded
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
         if scheduler_stats is None or not scheduler_stats.kv_connector_stats:
@@ -168,6 +173,9 @@ class KVCompressStatLogger(_base()):
             series[name].labels(**labels).inc(payload.get(name, 0.0))
         for name in ("tokens_held", "tokens_logical", "pages_used"):
             series[name].labels(**labels).set(payload[name])
+        if payload["tokens_held"] > self.peak.get(payload["policy"], 0.0):
+            self.peak[payload["policy"]] = payload["tokens_held"]
+            series["tokens_peak"].labels(**labels).set(payload["tokens_held"])
         series["pages_free"].labels(**labels).set(payload["pages_total"] - payload["pages_used"])
         series["blocks_free"].labels(**labels).set(payload["blocks_free"])
         if payload.get("engaged"):
