@@ -30,7 +30,7 @@ missing a context waits under ``incomplete``); ``--resume`` keeps what an earlie
 run with the same samples per task measured for the requested tasks at any of
 the requested contexts (either layout), and measures only the rest. Writes
 results/accuracy.json and results/accuracy.png (accuracy against budget, one
-line a policy, one panel a context); ``--out`` elsewhere (the README's grid is
+line a policy, one panel a context); ``--out`` elsewhere (the results page's grid is
 results/accuracy_grid.json, beside the two-task table kvpress is compared with).
 Runs that measure no time can go side by side, one on each core
 (``VLLM_CPU_OMP_THREADS_BIND=1`` for the second), each to its own ``--out``;
