@@ -62,7 +62,7 @@ def plain(default_model, runner) -> list[list[str]]:
         return [greedy(url, default_model, p) for p in PROMPTS]
 
 
-@on(*BOTH)
+@on(*BOTH, slow=("v1",))  # V1's is test_exactness's first check
 def test_full_budget_gives_plain_tokens(default_model, runner, plain):
     with vllm_server(default_model, "--kv-policy", "snapkv", "--kv-budget", "1.0",
                      runner=runner) as url:
@@ -71,7 +71,8 @@ def test_full_budget_gives_plain_tokens(default_model, runner, plain):
         assert metric(url, "kvcompress_prompt_tokens_total", policy="snapkv") > 300
 
 
-@on(*BOTH, slow=("v2",))  # V2 keeps two checks in the default run, below and above
+# Both -m slow: test_serve checks it on V1; V2 keeps two checks in the default run.
+@on(*BOTH, slow=BOTH)
 def test_requests_choose_their_policy_and_budget(default_model, runner, plain):
     with vllm_server(default_model, "--kv-policy", "snapkv", "--kv-budget", "0.25",
                      runner=runner) as url:

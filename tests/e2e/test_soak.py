@@ -51,7 +51,8 @@ def greedy(url: str, model: str, prompt: str) -> tuple[int, str]:
 
 FAMILIES = {
     "h2o": ("--kv-policy", "h2o", "--kv-budget", "0.25"),  # evicts while decoding
-    "snapkv": ("--kv-policy", "snapkv", "--kv-budget", "0.25"),  # compresses at prefill end
+    "snapkv": pytest.param(("--kv-policy", "snapkv", "--kv-budget", "0.25"),
+                           marks=pytest.mark.slow),  # compresses at prefill end
     "quest": pytest.param(("--kv-policy", "quest", "--kv-budget", "0.25"),
                           marks=pytest.mark.slow),  # selects pages while decoding
     "k8v4": pytest.param(("--kv-quant", "k8v4"), marks=pytest.mark.slow),  # quantized pages
