@@ -115,12 +115,12 @@ def test_family(family, default_model, tmp_path, monkeypatch):
     except httpx.HTTPStatusError as e:
         pytest.skip(f"plain vLLM starts {family} on this CPU but fails its first request "
                     f"({e.response.status_code}): {root_cause(logs)}")
-    # The prompts end alike ("... Continue:"): different continuations mean the context
-    # (attention) reaches the logits, so matching tokens below say something.
-    assert len({tuple(t) for t in plain}) > 1, plain
-
     expected = EXPECTED[family]
     if expected == SERVES:
+        # The prompts end alike ("... Continue:"): different continuations mean the context
+        # (attention) reaches the logits, so matching tokens below say something. (A refused
+        # family needs no such check: some random checkpoints, DeepSeek V2's, repeat one token.)
+        assert len({tuple(t) for t in plain}) > 1, plain
         try:
             with serve("--kv-policy", "snapkv", "--kv-budget", "1.0") as url:
                 full = [greedy(url, model, p) for p in PROMPTS]
