@@ -34,6 +34,7 @@ from benchmarks.load import wait_idle
 from benchmarks.server import ServerStartError, metric, vllm_server
 from tests.e2e.families import FAMILIES, FLAGS, write_model
 from tests.e2e.test_drain import random_prompt
+from tests.e2e.test_runners import greedy
 
 pytestmark = pytest.mark.e2e
 
@@ -73,14 +74,6 @@ def base_flags(family: str) -> tuple[str, ...]:
     return ("--max-model-len", "2048", *FLAGS.get(family, ()))
 
 
-def greedy(url: str, model: str, prompt: str) -> list[str]:
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "logprobs": 1, "ignore_eos": True}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
-    response.raise_for_status()
-    return response.json()["choices"][0]["logprobs"]["tokens"]
-
-
 def root_cause(log_dir: Path) -> str:
     """The root-cause line of the newest server log in ``log_dir``."""
     log = max(log_dir.glob("vllm-serve-*.log"), key=lambda p: p.stat().st_mtime)
@@ -109,7 +102,7 @@ def test_family(family, default_model, tmp_path, monkeypatch):
 
     try:
         with serve() as url:
-            plain = [greedy(url, model, p) for p in PROMPTS]
+            plain = [greedy(url, model, p, MAX_TOKENS) for p in PROMPTS]
     except ServerStartError as e:
         pytest.skip(f"plain vLLM cannot start {family} on this CPU: {e.reason}")
     except httpx.HTTPStatusError as e:
@@ -123,10 +116,10 @@ def test_family(family, default_model, tmp_path, monkeypatch):
         assert len({tuple(t) for t in plain}) > 1, plain
         try:
             with serve("--kv-policy", "snapkv", "--kv-budget", "1.0") as url:
-                full = [greedy(url, model, p) for p in PROMPTS]
+                full = [greedy(url, model, p, MAX_TOKENS) for p in PROMPTS]
             with serve("--kv-policy", "snapkv", "--kv-budget", "0.25") as url:
                 for p in PROMPTS:
-                    greedy(url, model, p)
+                    greedy(url, model, p, MAX_TOKENS)
                 evicted = metric(url, "kvcompress_evicted_tokens_total", policy="snapkv")
                 wait_idle(url)
                 pages = metric(url, "kvcompress_pages_used", policy="snapkv")

@@ -30,7 +30,6 @@ def quest_select_reference(
     return select_pages(bounds, num_pages, pages_to_read)
 
 
-
 def window_scores_reference(
     keys: torch.Tensor, window_queries: torch.Tensor, scale: float, *, sum_gqa: bool = True
 ) -> torch.Tensor:

@@ -9,7 +9,6 @@ import torch
 
 from vllm_kvcompress.policies.base import LayerInputs
 
-
 SCORER_CASES = [  # (H, G, T, D, window) for the scorers' naive-reference tests
     (1, 1, 1, 16, 32),
     (2, 2, 20, 16, 32),  # T < window: everything is protected

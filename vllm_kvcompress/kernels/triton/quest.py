@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _bounds_kernel(
     q_ptr,  # [R, G, D] the query heads reading each row
