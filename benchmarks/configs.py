@@ -13,7 +13,7 @@ import argparse
 import re
 
 from vllm_kvcompress.paging.formats import FORMAT_NAMES
-from vllm_kvcompress.policies import policy_names
+from vllm_kvcompress.config import kv_policy_names
 
 VLLM_DTYPES = {"bf16": "bfloat16", "fp8": "fp8", "int8": "int8_per_token_head",
                "int4": "int4_per_token_head", "turboquant-k8v4": "turboquant_k8v4"}
@@ -31,7 +31,7 @@ def serve_flags(name: str) -> tuple[str, ...]:
     if name.startswith("vllm-") and name[5:] in VLLM_DTYPES:
         return ("--kv-cache-dtype", VLLM_DTYPES[name[5:]])
     match = _POLICY.match(name)
-    if match is None or match["policy"] not in policy_names():
+    if match is None or match["policy"] not in kv_policy_names():
         raise ValueError(f"{name!r}: expected plain, plain-ample, ours-full, a page format, "
                          f"vllm-{{{','.join(VLLM_DTYPES)}}} or POLICY@BUDGET[+FORMAT][+everyN]")
     flags = ["--kv-policy", match["policy"], "--kv-budget", match["budget"]]

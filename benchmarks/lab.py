@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from benchmarks.results import machine, save
 from benchmarks.tasks import TASKS, score
+from vllm_kvcompress.decode import SELECTORS
 from vllm_kvcompress.paging.accounting import plan_layers
 from vllm_kvcompress.policies import LayerInputs, Policy, build_policy
 from vllm_kvcompress.policies.base import runtime_traits
@@ -74,14 +75,17 @@ def parse_config(text: str) -> Config:
             kwargs[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             kwargs[key.strip()] = value.strip()  # a bare word, e.g. pooling=avg
+    if name in SELECTORS:
+        raise ValueError(f"{text!r}: the lab cannot emulate {name} (a decode reader: it "
+                         "chooses the pages each step reads, on the serving path)")
     try:
         policy = build_policy(name, budget=float(budget), **kwargs)
     except TypeError as e:  # an unknown field
         raise ValueError(f"{text!r}: {e}") from None
     needs = runtime_traits(policy)
-    if not policy.evicts or needs.counts or needs.shared_keys:
-        raise ValueError(f"{text!r}: the lab cannot emulate {name} (Quest's per-step pages, "
-                         "SpindleKV's merging and PoD's shared keys need the serving path)")
+    if needs.counts or needs.shared_keys:
+        raise ValueError(f"{text!r}: the lab cannot emulate {name} (SpindleKV's merging and "
+                         "PoD's shared keys need the serving path)")
     return Config(text, policy)
 
 

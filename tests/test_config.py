@@ -147,7 +147,7 @@ def test_a_request_config_keeps_the_servers_store_options():
 @pytest.mark.parametrize("server,options,match", [
     ({"policy": "snapkv"}, {"kv_policy": "h2o"}, "kv_policy: 'h2o' cannot run.*allowed here: none"),
     ({"policy": "snapkv"}, {"kv_policy": "bogus"}, "kv_policy: 'bogus'.*unknown policy"),
-    ({"policy": "snapkv"}, {"kv_policy": "quest"}, "Quest's page selection"),
+    ({"policy": "snapkv"}, {"kv_policy": "quest"}, "quest's page selection"),
     ({"policy": "snapkv"}, {"kv_budget": 7}, "kv_budget: 7 is neither.*allowed: a fraction"),
     ({"policy": "snapkv"}, {"kv_budget": [0.5]}, "kv_budget: .* is not a number"),
     ({"policy": "snapkv"}, {"kv_budget": True}, "kv_budget: True is not a number"),

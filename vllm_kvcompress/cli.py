@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(default_model_path())
     elif args.command == "policies":
-        from vllm_kvcompress.policies import policy_names
+        from vllm_kvcompress.config import kv_policy_names
 
-        print("\n".join(policy_names()))
+        print("\n".join(kv_policy_names()))
     elif args.command == "doctor":
         _ensure_vllm_version()
         from vllm_kvcompress.models import default_model_path

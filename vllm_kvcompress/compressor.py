@@ -23,48 +23,19 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from vllm_kvcompress.kernels.paged_attention import chunk_attention, decode_attention
+from vllm_kvcompress.decode import DecodeBatch, QuestSelection, build_reader
+from vllm_kvcompress.kernels.paged_attention import chunk_attention
 from vllm_kvcompress.paging.accounting import (
     LayerPlan,
     last_recompression,
-    pages_for,
     plan_layers,
     shares_keys,
 )
 from vllm_kvcompress.paging.step import StepPlan, StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, slot_metadata
 from vllm_kvcompress.policies.base import PROTECTED, LayerInputs, Policy, runtime_traits
-from vllm_kvcompress.policies.quest import Quest, page_bounds, select_pages
 
 logger = logging.getLogger("vllm.kvcompress")
-
-
-def _decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
-    """The paged decode kernel called ``name`` (``None``: the device's default), or ``None``
-    for the torch path. The default CPU kernel gives way to the torch path where it cannot
-    run (no compiler: its loader logs why; float64); a kernel asked for by name must run."""
-    if name == "torch":
-        return None
-    default, name = name is None, name or ("triton" if store.device.type == "cuda" else "cpu")
-    # Imported here: Triton picks GPU or interpreter when its kernels are first imported.
-    if name == "triton":
-        from vllm_kvcompress.kernels import triton as kernels
-
-        why = (None if kernels.available() and (store.device.type == "cuda" or kernels.INTERPRETED)
-               else "it needs the pages on a CUDA device (or TRITON_INTERPRET=1 on a CPU)")
-    elif name == "cpu":
-        from vllm_kvcompress.kernels import cpu as kernels
-
-        why = (f"it compiles {kernels.DTYPES}, not {store.shape.dtype}"
-               if store.shape.dtype not in kernels.DTYPES else
-               None if kernels.available() else "it could not be built (see the log)")
-    else:
-        raise ValueError(f"decode_kernel {name!r}: expected triton, cpu, torch or None")
-    if why is None:
-        return kernels.paged_decode
-    if default and name == "cpu":
-        return None
-    raise RuntimeError(f"the {name} decode kernel cannot run here: {why}")
 
 
 def metadata_for(policy: Policy | None, windowed: bool = False) -> tuple[str, ...]:
@@ -96,12 +67,15 @@ class CompressionStats:
 
 class KVCompressor:
     def __init__(self, store: PagedKVStore, policy: Policy | None, num_q_heads: int,
-                 selector: Quest | None = None, decode_kernel: str | None = None,
+                 selector: QuestSelection | None = None, decode_kernel: str | None = None,
                  windows: tuple[int | None, ...] | None = None) -> None:
-        """``decode_kernel``: how decode attention reads the pages. ``"triton"`` (default
-        on CUDA) and ``"cpu"`` (the C++ kernel, default elsewhere where it builds) read
-        them in place; ``"torch"`` gathers the rows, then attends. Either kernel gives
-        way to the torch path where attention mass or shared keys are needed.
+        """``policy``: the server's; a request may run another with the same :class:`Needs`
+        (``policy_of`` in :meth:`begin_step`), which is the only one its slots follow.
+
+        ``selector`` (Quest) and ``decode_kernel`` choose how decode reads the pages (see
+        ``decode.build_reader``): ``"triton"`` (default on CUDA) and ``"cpu"`` (the C++
+        kernel, default elsewhere where it builds) read them in place; ``"torch"``
+        gathers the rows, then attends.
 
         ``windows``: per layer, its sliding window (a local layer) or ``None`` (global).
         A local layer keeps only its window, attends within it, and is left alone by the
@@ -112,23 +86,15 @@ class KVCompressor:
                 raise ValueError("local (sliding-window) layers need a store with positions")
             if policy is not None and shares_keys(policy, store.shape.num_layers):
                 raise ValueError("key sharing across layers does not combine with local layers")
-        if selector is not None and (store.key_bounds is None or
-                                     (policy is not None and policy.needs_attention_mass)):
-            raise ValueError("Quest needs a store with key bounds and a policy that does not "
-                             "accumulate attention mass")
-        if policy is not None and shares_keys(policy, store.shape.num_layers):
-            if store.value_lens is None or selector is not None:
-                raise ValueError("key sharing needs a store with value rows and no Quest selection")
         self.store = store
         self.policy = policy
+        self.needs = runtime_traits(policy)
         self.windows = windows
-        self._paged_decode = _decode_kernel(decode_kernel, store)
-        self.selector = selector  # Quest: which pages each decode step reads
         self.num_layers = store.shape.num_layers
-        # PoD: layers whose queries and keys score the distant tokens of later layers.
-        self._key_sources = {policy.key_source(i) for i in range(self.num_layers)
-                             if policy.key_source(i) != i} if policy is not None else set()
-        self._source_queries: dict[int, torch.Tensor] = {}
+        self.reader = build_reader(
+            store, self.needs, kernel=decode_kernel, selection=selector, windows=windows,
+            key_source=None if policy is None else policy.key_source,
+            sink_tokens=0 if policy is None else policy.sink_tokens)
         self.num_kv_heads = store.shape.num_kv_heads
         self.num_q_heads = num_q_heads
         self.step: StepPlan | None = None
@@ -182,9 +148,7 @@ class KVCompressor:
                 if req.req_id not in self._failed:  # a failed request runs on uncompressed
                     try:
                         policy = self.policy if policy_of is None else policy_of(req.req_id)
-                        if runtime_traits(policy) != runtime_traits(self.policy):
-                            raise ValueError(f"policy {policy} cannot share a store with "
-                                             f"{self.policy}")
+                        self._check_compatible(policy)
                     except Exception as exc:  # noqa: BLE001  one request's, not the engine's
                         policy = None
                         self._record_failure(req.req_id, exc)
@@ -202,11 +166,21 @@ class KVCompressor:
         self.layers_run = 0
         return step
 
+    def _check_compatible(self, policy: Policy | None) -> None:
+        """A request's own policy must share the server's store, batches and reader."""
+        server = self.policy
+        if runtime_traits(policy) != self.needs:
+            raise ValueError(f"policy {policy} cannot share a store with {server}")
+        if self.needs.shared_keys and (
+                policy.sink_tokens != server.sink_tokens or
+                any(policy.key_source(i) != server.key_source(i) for i in range(self.num_layers))):
+            raise ValueError(f"policy {policy} shares keys between other layers than {server}")
+
     @property
     def decode_path(self) -> str:
-        """What decode attention runs on: ``triton``, ``cpu`` (the kernels) or ``torch``."""
-        kernel = self._paged_decode
-        return "torch" if kernel is None else kernel.__module__.split(".")[2]
+        """What decode attention reads the pages with: ``triton``, ``cpu`` (the kernels) or
+        ``torch``."""
+        return self.reader.path
 
     def end_step(self) -> None:
         """Close the step; requests that failed in it give their pages back at once."""
@@ -288,13 +262,13 @@ class KVCompressor:
         request_rows = step.request_rows
         lens[request_rows] += np.repeat([r.num_new for r in step.requests], self.num_kv_heads)
 
-        need_mass = self.policy is not None and self.policy.needs_attention_mass
+        need_mass = self.needs.attention_mass
         out = torch.zeros_like(query)  # a failed request's rows stay zero
-        if layer in self._key_sources and len(step.decode):
-            self._source_queries[layer] = query[step.decode_tokens]  # for its group's layers
+        if len(step.decode):
+            self.reader.observe(layer, query[step.decode_tokens])
         # Each piece of work isolates the requests it fails for (see _isolated).
         self._isolated(step, step.decode, lambda picked: self._attend_decode(
-            layer, step, picked, query, scale, need_mass, out))
+            layer, step, picked, query, scale, out))
         for i in step.chunks:
             self._isolated(step, [i], lambda picked: self._attend_chunk(
                 layer, step, picked[0], query, key, value, scale, need_mass, out))
@@ -308,129 +282,29 @@ class KVCompressor:
                                                                         scale))
                 self._isolated(step, [i], lambda picked: self._recompress(layer, step, picked[0],
                                                                           scale))
-            if self.policy is not None and self.policy.decode_capped:
+            if self.needs.decode_capped:
                 self._evict(layer, step)
         return out
 
     def _rows(self, slot: int) -> np.ndarray:
         return self.store.rows(slot)
 
-    def _attend_decode(self, layer, step, picked, query, scale, need_mass, out) -> None:
-        """Attention of the decoding requests ``picked`` (batch indices) over their pages.
-
-        Computes first and writes (output, attention mass, statistics) last, so that a
-        failure leaves nothing half done (see :meth:`_isolated`).
-        """
+    def _attend_decode(self, layer, step, picked, query, scale, out) -> None:
+        """Attention of the decoding requests ``picked`` (batch indices) over their pages:
+        the reader computes, then output, attention mass and statistics are written."""
         picked = np.asarray(picked, dtype=np.int64)
         tokens = torch.from_numpy(step.starts[picked])
         rows = step.slots[picked, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
-        flat = rows.reshape(-1)
-        batch, heads = len(picked), self.num_kv_heads
-        lens = torch.from_numpy(self.store.lens[layer, rows])
-        held = int(lens.sum())
-        if self.selector is not None and self.selector.selects(layer) \
-                and self.windows[layer] is None:
-            read = self._attend_selected(layer, flat, query[tokens], lens.flatten(), scale)
-            if read is not None:
-                out[tokens], tokens_read = read
-                self.stats.decode_tokens_held += held
-                self.stats.decode_tokens_read += tokens_read
-                return
-        shared = self._shared_counts(layer, flat)
-        if self._paged_decode is not None and not need_mass and shared is None:
-            out[tokens] = self._decode_in_place(layer, flat, query[tokens], scale)
-            self.stats.decode_tokens_held += held
-            self.stats.decode_tokens_read += held
-            return
-        keys, values = self.store.gather(layer, flat, scratch=True)  # consumed before the next
-        visible = logits = None
-        if shared is not None:
-            source_rows = np.searchsorted(step.decode, picked)  # their rows of the source query
-            keys, values, visible, logits = self._prepend_distant(
-                layer, flat, shared, keys, values, lens.view(-1), scale, source_rows)
-            visible = visible.view(batch, heads, -1)
-            held += int(shared.sum())
-        counts = None
-        if "count" in self.store.parts:
-            counts = self.store.gather_slot_metadata(layer, flat, "count").view(batch, heads, -1)
-        result, mass = decode_attention(
-            query[tokens], keys.view(batch, heads, *keys.shape[1:]),
-            values.view(batch, heads, *values.shape[1:]), lens, scale, need_mass,
-            visible=visible, counts=counts, logits=logits, **self._attn_extra,
-        )
-        out[tokens] = result
-        self.stats.decode_tokens_held += held
-        self.stats.decode_tokens_read += held
-        if mass is not None:
-            self.store.add_mass(layer, flat, mass.flatten(0, 1))
-
-    def _decode_in_place(self, layer, rows, query, scale) -> torch.Tensor:
-        """The Triton or C++ kernel: pages read and dequantized where they lie, no gather."""
-        lens = self.store.lens[layer, rows]
-        longest = int(lens.max())
-        table = self.store.tables[layer, torch.from_numpy(rows).to(self.store.device),
-                                  :pages_for(longest, self.store.shape.page_size)]
-        return self._paged_decode(query, self.store.parts, self.store.shape.format, table,
-                                  torch.from_numpy(lens).to(self.store.device), scale,
-                                  count=self.store.parts.get("count"), max_len=longest,
-                                  **self._attn_extra)
-
-    def _shared_counts(self, layer, rows) -> np.ndarray | None:
-        """Distant tokens [R] of ``rows`` whose keys the key-source layer holds (PoD), or ``None``."""
-        value_lens = self.store.value_lens
-        if value_lens is None or not value_lens[layer, rows].any():
-            return None
-        return value_lens[layer, rows]
-
-    def _prepend_distant(self, layer, rows, shared, keys, values, lens, scale, source_rows):
-        """Put a shared-key layer's distant tokens in front of its own slots.
-
-        They are scored as the key-source layer scores them (its query, its keys)
-        through per-query-head ``logits``; their keys here are zero. Returns keys,
-        values [R, T, D], visible [R, T] and logits [B, Hq, T].
-        """
-        count, start = int(shared.max()), self.policy.sink_tokens
-        source = self.policy.key_source(layer)
-        # The source row holds the same distant tokens, in the same order, after its sinks.
-        distant = self.store.gather(source, rows)[0][:, start:start + count]
-        source_q = self._source_queries[source][torch.from_numpy(source_rows)]  # [B, Hq, D]
-        batch, heads = source_q.shape[0], self.num_kv_heads
-        scores = torch.einsum("bhgd,bhtd->bhgt", source_q.view(batch, heads, -1, distant.shape[-1]),
-                              distant.view(batch, heads, count, -1)).reshape(batch, -1, count)
-        logits = torch.nn.functional.pad(scores * scale, (0, keys.shape[1]))
-        keys = torch.cat([keys.new_zeros(len(rows), count, keys.shape[-1]), keys], dim=1)
-        values = torch.cat([self.store.gather_values(layer, rows)[:, :count], values], dim=1)
-        slot = torch.arange(keys.shape[1])
-        visible = (slot < torch.from_numpy(shared).unsqueeze(1)) | (
-            (slot >= count) & (slot < count + lens.unsqueeze(1)))
-        return keys, values, visible, logits
-
-    def _attend_selected(self, layer, rows, query, lens, scale):
-        """Quest: attend over each row's top pages only; ``None`` when every page is read."""
-        size = self.store.shape.page_size
-        held = -(-lens // size)
-        read = self.selector.pages_to_read(lens, size)
-        if bool((read >= held).all()):
-            return None
-        batch, num_q_heads, head_dim = query.shape
-        heads = self.num_kv_heads
-        pages, bounds = self.store.page_key_bounds(layer, rows)
-        grouped = query.reshape(batch * heads, num_q_heads // heads, head_dim)
-        chosen, reading = select_pages(page_bounds(grouped, bounds[:, :, 0], bounds[:, :, 1]),
-                                       held, read)
-        read_pages = pages.gather(1, chosen)
-        keys, values = self.store.gather_pages(read_pages)
-        slot = chosen.unsqueeze(-1) * size + torch.arange(size)  # [R, K, P] index in the row
-        visible = (reading.unsqueeze(-1) & (slot < lens.view(-1, 1, 1))).flatten(1)
-        counts = self.store.parts.get("count")
-        result, _ = decode_attention(
-            query, keys.view(batch, heads, *keys.shape[1:]),
-            values.view(batch, heads, *values.shape[1:]), None, scale,
-            visible=visible.view(batch, heads, -1),
-            counts=None if counts is None else counts[read_pages].view(batch, heads, -1),
-            **self._attn_extra,
-        )
-        return result, int(visible.sum())
+        result = self.reader.read(DecodeBatch(
+            layer, rows.reshape(-1),
+            torch.from_numpy(self.store.lens[layer, rows]).to(self.store.device),
+            query[tokens], scale, decode_index=np.searchsorted(step.decode, picked),
+            **self._attn_extra))
+        out[tokens] = result.out
+        self.stats.decode_tokens_held += result.held
+        self.stats.decode_tokens_read += result.read
+        if result.mass is not None:
+            self.store.add_mass(layer, rows.reshape(-1), result.mass)
 
     def _attend_chunk(self, layer, step, i, query, key, value, scale, need_mass, out) -> None:
         req, start, end = step.requests[i], int(step.starts[i]), int(step.starts[i + 1])
@@ -440,13 +314,14 @@ class KVCompressor:
             # Nothing cached yet: attend the chunk's own keys, skip the gather.
             keys, values = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
         else:
-            if self._shared_counts(layer, rows) is not None:
+            if self.store.value_lens is not None and self.store.value_lens[layer, rows].any():
                 # Shared scores are decode-only: a compressed request gets one token a step.
                 raise RuntimeError(f"request {req.req_id}: {req.num_new} tokens in one step "
                                    "after its prefill, which shared-key layers cannot attend")
             keys, values = self.store.gather(layer, rows, scratch=True)
         result, mass = chunk_attention(
-            query[start:end], keys, values, torch.from_numpy(lens_before), scale, need_mass,
+            query[start:end], keys, values, torch.from_numpy(lens_before).to(keys.device), scale,
+            need_mass,
             window=self.windows[layer], **self._attn_extra,
         )
         out[start:end] = result
@@ -489,7 +364,7 @@ class KVCompressor:
         if budget >= prompt_len:
             self.stats.prompt_tokens += prompt_len * len(rows)
             self._report(req, policy, layer, np.full(len(rows), prompt_len))
-            self._share_keys(layer, rows, plan)
+            self._share_keys(layer, rows, plan, policy)
             return
         # Gathered at most once, and only when scoring or merging needs the keys.
         inputs = functools.cache(
@@ -505,7 +380,7 @@ class KVCompressor:
             self.store.rewrite(layer, rows, *merged)
         self.stats.evicted_tokens += int(req.total_after * len(rows) - new_lens.sum())
         self._report(req, policy, layer, new_lens - (req.total_after - prompt_len))
-        self._share_keys(layer, rows, plan)
+        self._share_keys(layer, rows, plan, policy)
 
     def _recompress(self, layer, step, i, scale) -> None:
         """Decode-time compression: when request ``i`` passes a multiple of its policy's
@@ -536,10 +411,10 @@ class KVCompressor:
         new_lens = self.store.compact(layer, rows, keep)
         self.stats.evicted_tokens += int(held * len(rows) - new_lens.sum())
 
-    def _share_keys(self, layer: int, rows: np.ndarray, plan: LayerPlan) -> None:
+    def _share_keys(self, layer: int, rows: np.ndarray, plan: LayerPlan, policy: Policy) -> None:
         """PoD: keep only the values of the distant tokens whose keys the source layer holds."""
         if plan.shared is not None and plan.shared[layer]:
-            self.store.move_values(layer, rows, self.policy.sink_tokens, plan.shared[layer])
+            self.store.move_values(layer, rows, policy.sink_tokens, plan.shared[layer])
 
     def _inputs(self, policy, layer, rows, prompt_len, window, scale) -> LayerInputs:
         keys, values = self.store.gather(layer, rows)

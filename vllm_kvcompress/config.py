@@ -23,10 +23,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vllm_kvcompress.decode import SELECTORS, QuestSelection
 from vllm_kvcompress.paging.formats import FORMAT_NAMES
 from vllm_kvcompress.policies import Policy, build_policy, policy_class, policy_names
 from vllm_kvcompress.policies.base import Needs, runtime_traits
-from vllm_kvcompress.policies.quest import Quest
 
 ADDITIONAL_CONFIG_KEY = "kvcompress"
 # What one request may choose (HTTP extra_body fields, SamplingParams.extra_args keys).
@@ -37,6 +37,13 @@ BUDGET_CHOICES = "a fraction in (0, 1] such as 0.25, or a token count >= 16 such
 # Above any context length, and within the int64 arrays the compressor builds from budgets.
 MAX_TOKEN_BUDGET = 2**31 - 1
 _MAX_NUMBER_TEXT = 32  # characters: longer strings are no budget
+
+
+def kv_policy_names() -> list[str]:
+    """What ``--kv-policy`` accepts: ``none``, the eviction policies, and the decode
+    selectors alone (``quest``: nothing evicted, the budget is what decode reads)."""
+    none, *policies = policy_names()
+    return [none, *sorted([*policies, *SELECTORS])]
 
 
 class RequestOptionError(ValueError):
@@ -113,8 +120,9 @@ class KVCompressConfig(BaseModel):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        if value not in policy_names():
-            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(policy_names())}")
+        if value not in kv_policy_names():
+            raise ValueError(f"unknown policy {value!r}; choose one of "
+                             f"{', '.join(kv_policy_names())}")
         return value
 
     @field_validator("quant")
@@ -136,7 +144,8 @@ class KVCompressConfig(BaseModel):
 
     @property
     def _cls(self) -> type[Policy] | None:
-        return policy_class(self.policy)
+        """The eviction policy's class (``None``: nothing evicted)."""
+        return None if self.policy in SELECTORS else policy_class(self.policy)
 
     @property
     def _needs(self) -> Needs:
@@ -145,7 +154,7 @@ class KVCompressConfig(BaseModel):
     @model_validator(mode="after")
     def _options_compose(self) -> KVCompressConfig:
         cls = self._cls
-        if self.decode_budget is not None and cls is not None and cls.selects_pages:
+        if self.decode_budget is not None and self.policy in SELECTORS:
             raise ValueError(f"decode_budget composes Quest with an eviction policy; with "
                              f"policy {self.policy}, budget is already what decode reads")
         if self.quest_budget is not None and self._needs.attention_mass:
@@ -153,7 +162,7 @@ class KVCompressConfig(BaseModel):
                              "it cannot read only Quest's pages; choose another policy or drop "
                              "decode_budget")
         if self.decode_every is not None:
-            if cls is None or not cls.evicts:
+            if cls is None:
                 raise ValueError(f"decode_every re-compresses with an eviction policy; "
                                  f"{self.policy!r} evicts nothing")
             try:
@@ -186,8 +195,7 @@ class KVCompressConfig(BaseModel):
     @property
     def quest_budget(self) -> float | int | None:
         """What each decode step reads under Quest (``policy: quest`` or ``decode_budget``)."""
-        cls = self._cls
-        return self.budget if cls is not None and cls.selects_pages else self.decode_budget
+        return self.budget if self.policy in SELECTORS else self.decode_budget
 
     @property
     def enabled(self) -> bool:
@@ -196,19 +204,15 @@ class KVCompressConfig(BaseModel):
 
     def build_policy(self) -> Policy | None:
         """The eviction policy, or ``None`` when nothing is evicted."""
-        cls = self._cls
-        if cls is None or not cls.evicts:
-            return None
-        return self._build(self.policy)
+        return None if self._cls is None else self._build(self.policy)
 
-    def build_selector(self) -> Quest | None:
+    def build_selector(self) -> QuestSelection | None:
         """Quest's decode-time page selection, or ``None``."""
         if self.quest_budget is None:
             return None
-        cls = self._cls
-        args = self.policy_args if cls is not None and cls.selects_pages else {}
-        return Quest(budget=self.quest_budget, window=self.window, sink_tokens=self.sink_tokens,
-                     **args)
+        selector = SELECTORS.get(self.policy, QuestSelection)
+        args = self.policy_args if self.policy in SELECTORS else {}
+        return selector(budget=self.quest_budget, **args)
 
     def _build(self, name: str) -> Policy:
         return build_policy(
@@ -219,7 +223,9 @@ class KVCompressConfig(BaseModel):
     def validate_policy(self) -> None:
         """Fail now, not in a worker, on hyperparameters the policy rejects."""
         try:
-            if self.policy != "none":
+            if self.policy in SELECTORS:
+                self.build_selector()
+            elif self.policy != "none":
                 self._build(self.policy)
         except TypeError as exc:  # unknown keyword in policy_args
             raise ValueError(f"policy_args for {self.policy!r}: {exc}") from exc
@@ -232,14 +238,7 @@ class KVCompressConfig(BaseModel):
         if not self.enabled:
             return []
         server = runtime_traits(self.build_policy())
-        chosen = []
-        for name in policy_names():
-            cls = policy_class(name)
-            if cls is not None and (cls.selects_pages or not cls.evicts):
-                continue
-            if Needs.of(cls) == server:
-                chosen.append(name)
-        return chosen
+        return [name for name in policy_names() if Needs.of(policy_class(name)) == server]
 
     def for_request(self, options: Mapping[str, Any] | None, *,
                     max_tokens: int | None = None) -> KVCompressConfig:
@@ -267,18 +266,17 @@ class KVCompressConfig(BaseModel):
         if not isinstance(policy, str):
             raise RequestOptionError(f"kv_policy: {show(policy)} is not a policy name; allowed "
                                      f"here: {', '.join(allowed)}")
-        known = policy in policy_names()
-        selector = known and policy_class(policy) is not None and policy_class(policy).selects_pages
+        known = policy in kv_policy_names()
+        selector = policy in SELECTORS
         if selector and policy == self.policy:
             raise RequestOptionError(
-                f"kv_budget: this server's budget is what {policy_class(policy).__name__} reads "
+                f"kv_budget: this server's budget is what {policy} reads "
                 "at every decode step, "
                 "set at start-up; choose an eviction policy with kv_policy to set a budget per "
                 "request")
         if policy not in allowed:
             why = ("unknown policy" if not known else
-                   f"{policy_class(policy).__name__}'s page selection is set for the whole "
-                   "server" if selector else
+                   f"{policy}'s page selection is set for the whole server" if selector else
                    f"it needs other page metadata or decode work than {self.policy!r}")
             raise RequestOptionError(
                 f"kv_policy: {show(policy)} cannot run on this server ({why}); allowed here: "
@@ -296,7 +294,7 @@ class KVCompressConfig(BaseModel):
                     f"to {max_tokens}")
         decode_every = self.decode_every
         if decode_every is not None and policy != self.policy and (
-                policy_class(policy) is None or not policy_class(policy).evicts
+                selector or policy_class(policy) is None
                 or build_policy(policy).recompression_problem()):
             decode_every = None  # the server's default, for policies that take it
         if "kv_decode_every" in chosen:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from benchmarks.server import vllm_server
 from vllm_kvcompress.config import KVCompressConfig, RequestOptionError
-from vllm_kvcompress.policies import policy_names
+from vllm_kvcompress.config import kv_policy_names
 
 pytestmark = pytest.mark.e2e
 
@@ -149,7 +149,7 @@ VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
     st.sampled_from(["0.25", "1e20", "1e308", "16", "2048", "nan", "-1", "0x10"]),
-    st.sampled_from([*policy_names(), "bogus"]),
+    st.sampled_from([*kv_policy_names(), "bogus"]),
     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
                                                            max_size=2),
 )

@@ -1,4 +1,4 @@
-"""Torch references of the Triton kernels whose math lives in the policies.
+"""Torch references of the Triton kernels whose math lives above them (policies, decode readers).
 
 The kernels sit below the policies (``kernels/`` imports nothing above ``paging.formats``);
 these references put the policies' own functions behind the kernels' signatures.
@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.quest import page_bounds, select_pages
+from vllm_kvcompress.decode.quest import page_bounds_of_table, select_pages
 from vllm_kvcompress.policies.scoring import reduce_gqa, window_attention
 
 
 def quest_page_bounds_reference(
     query: torch.Tensor, key_bounds: torch.Tensor, table: torch.Tensor, num_pages: torch.Tensor,
 ) -> torch.Tensor:
-    """Torch path: gather the pages' bounds, ``policies.quest.page_bounds``, -inf past the row."""
-    held = key_bounds[table.long()]  # [R, N, 2, D]
-    bounds = page_bounds(query, held[:, :, 0], held[:, :, 1])
-    columns = torch.arange(table.shape[1], device=table.device)
-    return bounds.masked_fill(columns >= num_pages.to(table.device)[:, None], float("-inf"))
+    """Torch path: ``decode.quest.page_bounds_of_table``."""
+    return page_bounds_of_table(query, key_bounds, table, num_pages)
 
 
 def quest_select_reference(
     bounds: torch.Tensor, num_pages: torch.Tensor, pages_to_read: torch.Tensor, *,
     width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch path: ``policies.quest.select_pages`` (``width`` is read from ``pages_to_read``)."""
+    """Torch path: ``decode.quest.select_pages`` (``width`` is read from ``pages_to_read``)."""
     return select_pages(bounds, num_pages, pages_to_read)
 
 

@@ -13,6 +13,7 @@ import torch
 from tests.kernels.conftest import INTERPRET
 from tests.kernels.helpers import attention_by_definition
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
+from vllm_kvcompress.decode import QuestSelection
 from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
@@ -21,17 +22,17 @@ from vllm_kvcompress.policies import build_policy
 LAYERS, KV_HEADS, GROUP = 2, 2, 3
 
 
-def compressor(policy, fmt: str, dim: int, decode_kernel: str, device: str) -> KVCompressor:
+def compressor(policy, fmt: str, dim: int, decode_kernel: str, device: str,
+               selector: QuestSelection | None = None) -> KVCompressor:
     shape = StoreShape(LAYERS, KV_HEADS, dim, 16 if dim == 64 else 4, torch.float32,
-                       page_format(fmt),
-                       metadata_for(policy))
+                       page_format(fmt), metadata_for(policy), key_bounds=selector is not None)
     return KVCompressor(PagedKVStore(shape, 512, 4, 128, device=device), policy,
-                        KV_HEADS * GROUP, decode_kernel=decode_kernel)
+                        KV_HEADS * GROUP, decode_kernel=decode_kernel, selector=selector)
 
 
 @pytest.mark.parametrize("kernel", ["triton", "cpu"])
 @pytest.mark.parametrize("fmt", ["none", "k8v4"])
-@pytest.mark.parametrize("name", [None, "snapkv", "spindlekv"])
+@pytest.mark.parametrize("name", [None, "snapkv", "spindlekv", "quest"])
 @pytest.mark.parametrize("dim", [16, 64])  # the CPU kernel's scalar and vector paths
 def test_kernel_decode_matches_the_torch_path(name, fmt, kernel, dim):
     """Two requests of different lengths, prefill then a few decode steps, compressed
@@ -57,8 +58,11 @@ def run_both_paths(name, fmt, kernel, dim, **extra):
         pytest.skip("no C++ compiler")
     # Triton compiled for a GPU reads pages on the GPU; interpreted, on the CPU.
     device = "cuda" if kernel == "triton" and not INTERPRET else "cpu"
-    policy = None if name is None else build_policy(name, budget=0.5, window=4, sink_tokens=2)
-    paths = [compressor(policy, fmt, dim, k, device) for k in ("torch", kernel)]
+    # Quest: its page choice on the Triton path is the Triton kernels'.
+    selector = QuestSelection(0.25, dense_layers=1) if name == "quest" else None
+    policy = (None if name in (None, "quest") else
+              build_policy(name, budget=0.5, window=4, sink_tokens=2))
+    paths = [compressor(policy, fmt, dim, k, device, selector) for k in ("torch", kernel)]
     gen = torch.Generator().manual_seed(0)
     prompts = {"a": 37, "b": 9}
     total = {r: n + 4 for r, n in prompts.items()}
@@ -80,7 +84,11 @@ def run_both_paths(name, fmt, kernel, dim, **extra):
         for torch_out, kernel_out in zip(*outs):
             torch.testing.assert_close(kernel_out, torch_out, atol=2e-5, rtol=2e-5)
     assert np.array_equal(paths[0].store.lens, paths[1].store.lens)
-    assert paths[1]._paged_decode is not None and paths[0]._paged_decode is None
+    assert (paths[0].decode_path, paths[1].decode_path) == ("torch", kernel)
+    if selector is not None:  # Quest read fewer tokens than the rows hold, on both paths
+        stats = [comp.stats for comp in paths]
+        assert stats[0].decode_tokens_read == stats[1].decode_tokens_read
+        assert stats[1].decode_tokens_read < stats[1].decode_tokens_held
 
 
 def test_soft_cap_and_sinks_over_chunks_and_decode_are_the_definition():

@@ -1,4 +1,4 @@
-"""Quest's page bounds and top-page choice against policies.quest (page_bounds, select_pages)."""
+"""Quest's page bounds and top-page choice against decode.quest (page_bounds, select_pages)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.kernels import references
 from tests.kernels.helpers import DEVICE, gpu_sweep, needs_triton
 from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
-from vllm_kvcompress.policies.quest import page_bounds
+from vllm_kvcompress.decode.quest import page_bounds
 
 pytestmark = needs_triton
 

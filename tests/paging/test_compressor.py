@@ -9,24 +9,29 @@ import pytest
 import torch
 
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
+from vllm_kvcompress.decode import QuestSelection
+from vllm_kvcompress.paging.accounting import (
+    PageGeometry,
+    pages_for,
+    plan_layers,
+    request_pages_bound,
+    shares_keys,
+)
 from vllm_kvcompress.paging.formats import page_format
-from vllm_kvcompress.paging.accounting import (pages_for, plan_layers, request_pages_bound,
-                                                shares_keys)
 from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
 from vllm_kvcompress.policies import build_policy, policy_names
-from vllm_kvcompress.policies.quest import Quest
 
 LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
 
 
 def make(policy=None, page_size=4, num_pages=4096, max_requests=8, max_tokens=512, fmt="none",
-         windows=None):
+         windows=None, selector=None):
     shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
                        metadata_for(policy, windowed=bool(windows and any(windows))),
-                       value_rows=shares_keys(policy, LAYERS))
+                       value_rows=shares_keys(policy, LAYERS), key_bounds=selector is not None)
     store = PagedKVStore(shape, num_pages, max_requests, max_tokens)
-    return KVCompressor(store, policy, KV_HEADS * GROUP, windows=windows)
+    return KVCompressor(store, policy, KV_HEADS * GROUP, windows=windows, selector=selector)
 
 
 class Sequence:
@@ -128,7 +133,7 @@ def held_pages(comp: KVCompressor, slot: int, page_size: int) -> int:
     return pages
 
 
-POLICIES = [name for name in policy_names() if name != "none" and build_policy(name).evicts]
+POLICIES = [name for name in policy_names() if name != "none"]
 
 
 RECOMPRESSING = [name for name in POLICIES if not build_policy(name).recompression_problem()]
@@ -155,8 +160,8 @@ def test_pages_stay_within_the_reservation_and_all_return(name, fmt, every, monk
         out = original(layer, *args)
         for req, slot in zip(comp.step.requests, comp.step.slots):
             plan = plans.setdefault(req.req_id, plan_layers(policy, req.prompt_len, LAYERS))
-            bound = request_pages_bound(policy, plan, LAYERS, KV_HEADS, page_size,
-                                        req.prompt_len, req.computed_before, req.total_after)
+            bound = request_pages_bound(policy, plan, PageGeometry(LAYERS, KV_HEADS, page_size),
+                                        req)
             assert held_pages(comp, int(slot), page_size) <= bound
         if layer == LAYERS - 1:  # the worker's report at the end of a step
             for req_id, rows in comp.take_kept_rows().items():
@@ -195,11 +200,11 @@ def test_a_local_layer_attends_its_sliding_window_and_keeps_no_more(chunk):
 
 @pytest.mark.parametrize("name", ["snapkv", "h2o", "streamingllm", "adakv", "quest"])
 def test_pages_stay_within_the_reservation_with_local_layers(name, monkeypatch):
-    """A local layer's pages follow its window, the global layer's the policy."""
+    """A local layer's pages follow its window, the global layer's the policy (or none: Quest)."""
     windows = (6, None)
-    policy = build_policy(name, budget=0.25, window=4, sink_tokens=2)
-    policy = policy if policy.evicts else None
-    comp = make(policy, page_size=4, windows=windows)
+    policy = None if name == "quest" else build_policy(name, budget=0.25, window=4, sink_tokens=2)
+    comp = make(policy, page_size=4, windows=windows,
+                selector=QuestSelection(0.25, dense_layers=0) if name == "quest" else None)
     rng = np.random.default_rng(8)
     seqs = random_sequences(torch.Generator().manual_seed(8), rng, 6, 20, 200, max_new=30)
     original, plans = comp.forward_layer, {}
@@ -209,8 +214,8 @@ def test_pages_stay_within_the_reservation_with_local_layers(name, monkeypatch):
         for req, slot in zip(comp.step.requests, comp.step.slots):
             rows = comp.store.rows(int(slot))
             held = int(np.ceil(comp.store.lens[0, rows] / 4).sum())
-            assert held <= request_pages_bound(policy, None, 1, KV_HEADS, 4, req.prompt_len,
-                                               req.computed_before, req.total_after, windows)
+            assert held <= request_pages_bound(policy, None, PageGeometry(1, KV_HEADS, 4, windows),
+                                               req)
             if policy is not None and req.total_after > req.prompt_len:
                 plan = plans.setdefault(req.req_id, plan_layers(policy, req.prompt_len, LAYERS))
                 if layer == LAYERS - 1:
@@ -218,8 +223,7 @@ def test_pages_stay_within_the_reservation_with_local_layers(name, monkeypatch):
                         plans[rid] = plans[rid].with_rows(kept)
                     plan = plans[req.req_id]
                 assert held_pages(comp, int(slot), 4) <= request_pages_bound(
-                    policy, plan, LAYERS, KV_HEADS, 4, req.prompt_len, req.computed_before,
-                    req.total_after, windows)
+                    policy, plan, PageGeometry(LAYERS, KV_HEADS, 4, windows), req)
         return out
 
     monkeypatch.setattr(comp, "forward_layer", checked)
@@ -427,7 +431,7 @@ def make_quest(budget, policy=None, page_size=4, fmt="none", dense_layers=0):
                        metadata_for(policy), key_bounds=True)
     store = PagedKVStore(shape, 4096, 8, 512)
     return KVCompressor(store, policy, KV_HEADS * GROUP,
-                        selector=Quest(budget=budget, dense_layers=dense_layers))
+                        selector=QuestSelection(budget=budget, dense_layers=dense_layers))
 
 
 def naive_quest(seq: Sequence, layer: int, t: int, page_size: int, read: int, scale: float):
@@ -487,7 +491,7 @@ def test_quest_leaves_its_first_layers_dense():
     torch.testing.assert_close(outs[0], seq.dense(0, 90, 91, scale))
     torch.testing.assert_close(outs[1][0], naive_quest(seq, 1, 90, page_size,
                                                        budget // page_size, scale))
-    assert Quest(budget=24).dense_layers == 2  # the paper's choice is the default
+    assert QuestSelection(budget=24).dense_layers == 2  # the paper's choice is the default
 
 
 def test_quest_reading_every_page_is_dense_attention():
@@ -538,7 +542,7 @@ def test_quest_refuses_policies_that_need_every_token():
                        metadata_for(build_policy("h2o")), key_bounds=True)
     with pytest.raises(ValueError, match="attention mass"):
         KVCompressor(PagedKVStore(shape, 64, 2, 64), build_policy("h2o"), KV_HEADS * GROUP,
-                     selector=Quest(budget=0.5))
+                     selector=QuestSelection(budget=0.5))
 
 
 @pytest.mark.parametrize("fmt", ["none", "k8v8"])
@@ -616,8 +620,9 @@ def test_pod_attends_distant_tokens_with_the_first_layers_keys(budget):
         torch.testing.assert_close(outs[1][0, h * GROUP:(h + 1) * GROUP], expected)
     # What the scheduler reserves is what the pool holds.
     assert store.pool.num_used == held_pages(comp, store.slot_of("r0"), page_size) == \
-        request_pages_bound(policy, plan_layers(policy, prompt, LAYERS), LAYERS, KV_HEADS,
-                            page_size, prompt, prompt, prompt + 1)
+        request_pages_bound(policy, plan_layers(policy, prompt, LAYERS),
+                            PageGeometry(LAYERS, KV_HEADS, page_size),
+                            StepRequest("r0", prompt, 1, prompt))
     comp.release(["r0"])
     assert store.pool.num_used == 0
 

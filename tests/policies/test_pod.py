@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvcompress.paging.accounting import layer_pages_bound, plan_layers, shares_keys
+from vllm_kvcompress.paging.accounting import (PageGeometry, layer_pages_bound, plan_layers,
+                                                shares_keys)
+from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.policies import build_policy
 
 
@@ -32,7 +34,7 @@ def test_value_rows_cost_half_a_slot_per_distant_token():
     policy = build_policy("pod", budget=0.5, group_size=2)
     plan = plan_layers(policy, 1000, 2)
     heads, size = 3, 16
-    args = (heads, size, 1000, 1000, 1001)
+    args = (PageGeometry(2, heads, size), StepRequest("r", 1000, 1, 1000))
     assert layer_pages_bound(policy, plan, 0, *args) == heads * -(-(500 + 1) // size)
     proximal, distant = 36 + 1, 500 - 36
     assert layer_pages_bound(policy, plan, 1, *args) == heads * (

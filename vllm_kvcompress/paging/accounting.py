@@ -2,13 +2,9 @@
 
 The scheduler reserves vLLM blocks from these numbers and the worker's page
 store never holds more, so the worker can never run out of pages. Everything
-here is pure arithmetic on a request's counters:
-
-* ``prompt_len``      tokens of the prompt (compression happens when the
-                      prefill reaches it);
-* ``computed_before`` tokens already in the cache before this step;
-* ``total_after``     tokens in the cache once this step has run;
-* ``num_new``         tokens this step appends (``total_after - computed_before``).
+here is pure arithmetic on a request's counters (``paging.step.StepRequest``:
+its prompt, the tokens cached before the step, those the step appends) and on
+the cache's :class:`PageGeometry`.
 
 A row is the page list of one (request, layer, KV head).
 """
@@ -16,9 +12,23 @@ A row is the page list of one (request, layer, KV head).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.policies.base import Policy
+
+
+@dataclass(frozen=True)
+class PageGeometry:
+    """The shape of the cache the pages hold: layers, KV heads, tokens a page."""
+
+    num_layers: int
+    num_kv_heads: int
+    page_size: int
+    windows: tuple[int | None, ...] | None = None  # per layer: sliding window, or global
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
 
 
 @dataclass(frozen=True)
@@ -80,23 +90,23 @@ def last_recompression(policy: Policy, prompt_len: int, computed_before: int) ->
 
 
 def layer_pages_bound(
-    policy: Policy,
+    policy: Policy | None,
     plan: LayerPlan | None,
     layer: int,
-    num_kv_heads: int,
-    page_size: int,
-    prompt_len: int,
-    computed_before: int,
-    total_after: int,
+    geometry: PageGeometry,
+    request: StepRequest,
     recompressed: tuple[int, tuple[int, ...]] | None = None,
-    window: int | None = None,
 ) -> int:
     """Upper bound of the pages one layer of a request holds during a step.
 
     ``recompressed``: under decode-time compression, the length of the last
     recompression and the per-layer tokens a head kept then (see
-    :func:`request_pages_bound`). ``window``: a local (sliding-window) layer, which
-    enters a step with at most ``window - 1`` tokens and is left alone by the policy."""
+    :func:`request_pages_bound`). A local (sliding-window) layer enters a step with at
+    most ``window - 1`` tokens and is left alone by the policy."""
+    num_kv_heads, page_size, window = geometry.num_kv_heads, geometry.page_size, \
+        geometry.window(layer)
+    prompt_len, computed_before = request.prompt_len, request.computed_before
+    total_after = request.total_after
     if window is not None:
         return num_kv_heads * pages_for(min(total_after, window - 1 + total_after
                                             - computed_before), page_size)
@@ -112,7 +122,7 @@ def layer_pages_bound(
             split = pages_for(plan.kept[layer] - shared + generated, page_size)
             full = max(full, num_kv_heads * split + value_pages)
         return full
-    num_new = total_after - computed_before
+    num_new = request.num_new
     if plan.rows is not None:
         counts = [c + generated for c in plan.rows[layer]]
     elif plan.uniform:
@@ -136,35 +146,23 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def request_pages_bound(
-    policy: Policy,
-    plan: LayerPlan | None,
-    num_layers: int,
-    num_kv_heads: int,
-    page_size: int,
-    prompt_len: int,
-    computed_before: int,
-    total_after: int,
-    windows: tuple[int | None, ...] | None = None,
-) -> int:
-    """Pages one request may hold during a step, over all layers and KV heads;
-    ``windows``: each layer's sliding window (``None``: a global layer)."""
+def request_pages_bound(policy: Policy | None, plan: LayerPlan | None, geometry: PageGeometry,
+                        request: StepRequest) -> int:
+    """Pages one request may hold during a step, over all layers and KV heads."""
     recompressed = None
+    prompt_len, computed_before = request.prompt_len, request.computed_before
     if policy is not None and policy.decode_every and plan is not None \
             and computed_before >= prompt_len:
         at = last_recompression(policy, prompt_len, computed_before)
-        kept = plan.kept if at == prompt_len else plan_layers(policy, at, num_layers).kept
+        kept = (plan.kept if at == prompt_len else
+                plan_layers(policy, at, geometry.num_layers).kept)
         recompressed = (at, kept)
-    return sum(
-        layer_pages_bound(policy, plan, layer, num_kv_heads, page_size, prompt_len,
-                          computed_before, total_after, recompressed,
-                          windows[layer] if windows else None)
-        for layer in range(num_layers)
-    )
+    return sum(layer_pages_bound(policy, plan, layer, geometry, request, recompressed)
+               for layer in range(geometry.num_layers))
 
 
 @dataclass(frozen=True)
-class BlockGeometry:
+class BlockGeometry(PageGeometry):
     """How vLLM's blocks map onto pages.
 
     vLLM counts KV memory in blocks of ``block_size`` tokens across every
@@ -172,11 +170,7 @@ class BlockGeometry:
     tokens of one (layer, KV head).
     """
 
-    block_size: int
-    page_size: int
-    num_layers: int
-    num_kv_heads: int
-    windows: tuple[int | None, ...] | None = None  # per layer: sliding window, or global
+    block_size: int = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if self.block_size % self.page_size:

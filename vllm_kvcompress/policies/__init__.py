@@ -56,7 +56,6 @@ def _load_builtin() -> None:
         leankv,
         pod,
         pyramidkv,
-        quest,
         rkv,
         snapkv,
         spindlekv,

@@ -79,15 +79,11 @@ class Policy(ABC):
     # never exceeds ``H * layer_budget`` and no head keeps more than
     # ``min(T, H * layer_budget)``. Memory accounting relies on these bounds.
     uniform_heads: ClassVar[bool] = True
-    # False: nothing is evicted (Quest chooses what decode reads instead).
-    evicts: ClassVar[bool] = True
     # Kept entries may stand for several tokens (SpindleKV's merging): the store
     # keeps a count per slot and attention weighs a slot by count * exp(q . k).
     needs_counts: ClassVar[bool] = False
     # The page format it runs on unless --kv-quant says otherwise (LeanKV: K8V4).
     default_format: ClassVar[str] = "none"
-    # It chooses what decode reads, per server (Quest), instead of what is stored.
-    selects_pages: ClassVar[bool] = False
 
     budget: float | int = 0.25
     window: int = 32  # observation window: last prompt tokens whose queries vote

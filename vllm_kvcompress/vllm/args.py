@@ -19,11 +19,11 @@ from vllm_kvcompress.config import (
     ADDITIONAL_CONFIG_KEY,
     KVCompressConfig,
     PresetError,
+    kv_policy_names,
     load_preset,
     parse_budget,
 )
 from vllm_kvcompress.paging.formats import FORMAT_NAMES
-from vllm_kvcompress.policies import policy_names
 
 GROUP_TITLE = "KVCompress"
 _FLAGS = {"kv_policy": "policy", "kv_budget": "budget", "kv_window": "window",
@@ -73,7 +73,7 @@ def add_cli_args(parser):
         title=GROUP_TITLE,
         description="Compressed, paged KV cache (vllm-kvcompress). Flags override --kv-config.",
     )
-    group.add_argument("--kv-policy", choices=policy_names(), default=None,
+    group.add_argument("--kv-policy", choices=kv_policy_names(), default=None,
                        help="Compression policy; 'none' (default) is plain vLLM.")
     group.add_argument("--kv-budget", type=_budget_arg, default=None,
                        help="KV kept per head: a fraction of the prompt in (0, 1] (e.g. 0.25) "

@@ -24,6 +24,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvcompress.config import KVCompressConfig, RequestPolicies
 from vllm_kvcompress.paging.accounting import BlockGeometry, plan_layers, request_pages_bound
+from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.vllm.layers import layer_windows
 from vllm_kvcompress.vllm.metrics import STATS_KEY, SchedulerMetrics
 
@@ -67,12 +68,10 @@ class CompressedKVCacheManager(KVCacheManager):
         if plan is None:
             plan = plan_layers(policy, request.num_prompt_tokens, self.geometry.num_layers)
             self._plans[request.request_id] = plan
-        geometry = self.geometry
-        pages = request_pages_bound(
-            policy, plan, geometry.num_layers, geometry.num_kv_heads, geometry.page_size,
-            request.num_prompt_tokens, computed_before, total_after, geometry.windows,
-        )
-        return geometry.blocks_for_pages(pages)
+        step = StepRequest(request.request_id, computed_before, total_after - computed_before,
+                           request.num_prompt_tokens)
+        return self.geometry.blocks_for_pages(
+            request_pages_bound(policy, plan, self.geometry, step))
 
     def allocate_slots(self, request, num_new_tokens, num_new_computed_tokens=0,
                        new_computed_blocks=None, num_lookahead_tokens=0, *args, **kwargs):

@@ -1,6 +1,6 @@
 """Quest at decode: per-page upper bounds of ``q . k`` and the top pages of each row.
 
-Two kernels, checked against ``policies.quest`` (tests/kernels/references.py):
+Two kernels, checked against ``decode.quest`` (tests/kernels/references.py):
 
 * :func:`quest_page_bounds`: program ``(row, page block)`` reads the key bounds
   of the row's pages straight from the store (``key_bounds[table[row, col]]``,
@@ -98,7 +98,7 @@ def quest_select(
     bounds: torch.Tensor, num_pages: torch.Tensor, pages_to_read: torch.Tensor, *,
     width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top pages per row by bound, the newest always first: as ``policies.quest.select_pages``.
+    """Top pages per row by bound, the newest always first: as ``decode.quest.select_pages``.
 
     bounds [R, N]; num_pages [R]; pages_to_read [R] (each <= num_pages).
     Returns the chosen columns [R, K] int64 (K = ``width``, default

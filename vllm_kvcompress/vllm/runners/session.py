@@ -31,6 +31,7 @@ from vllm.logger import init_logger
 
 from vllm_kvcompress.compressor import KVCompressor, metadata_for
 from vllm_kvcompress.config import KVCompressConfig, RequestPolicies
+from vllm_kvcompress.decode import KERNELS
 from vllm_kvcompress.paging.accounting import shares_keys
 from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.step import StepRequest
@@ -43,7 +44,6 @@ logger = init_logger("vllm.kvcompress")
 # (Triton on CUDA, the C++ kernel on CPU); triton, cpu or torch forces one (tests use
 # triton to run the CUDA path's kernel under Triton's interpreter on a CPU).
 DECODE_KERNEL_ENV = "KVCOMPRESS_DECODE_KERNEL"
-DECODE_KERNELS = ("triton", "cpu", "torch")
 # Test-only fault injection: with KVCOMPRESS_TEST_FAULTS=1, a request whose vllm_xargs
 # hold kvcompress_test_fault: select | slot_scores gets a policy that raises there.
 FAULTS_ENV = "KVCOMPRESS_TEST_FAULTS"
@@ -182,9 +182,9 @@ class KVCompressSession:
             device=self.device,
         )
         kernel = os.environ.get(DECODE_KERNEL_ENV) or None
-        if kernel is not None and kernel not in DECODE_KERNELS:
+        if kernel is not None and kernel not in KERNELS:
             raise Unsupported(f"{DECODE_KERNEL_ENV}={kernel!r}; allowed: "
-                              f"{', '.join(DECODE_KERNELS)} (or unset for the device's default)")
+                              f"{', '.join(KERNELS)} (or unset for the device's default)")
         try:
             self.compressor = KVCompressor(
                 store, self.policies.resolve(None), model.get_num_attention_heads(parallel),

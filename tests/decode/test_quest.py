@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvcompress.policies import build_policy
-from vllm_kvcompress.policies.quest import Quest, page_bounds, select_pages
+from vllm_kvcompress.decode.quest import QuestSelection, page_bounds, select_pages
 
 
 @settings(max_examples=30, deadline=None)
@@ -56,14 +55,13 @@ def test_select_pages_takes_the_highest_bounds_and_the_newest_page(data, rows, w
     (1.0, [5, 17, 300], [1, 2, 19]),  # everything
 ])
 def test_pages_to_read(budget, lens, expected):
-    policy = Quest(budget=budget)
-    assert policy.pages_to_read(torch.tensor(lens), 16).tolist() == expected
+    assert QuestSelection(budget=budget).pages_to_read(torch.tensor(lens), 16).tolist() == expected
 
 
-def test_quest_evicts_nothing():
-    policy = build_policy("quest", budget=0.1)
-    assert not policy.evicts
-    assert policy.layer_budgets(500, 3) == [500, 500, 500]
+@pytest.mark.parametrize("args", [{"budget": 0}, {"budget": 2}, {"budget": 0.25, "dense_layers": -1}])
+def test_bad_selection_is_refused(args):
+    with pytest.raises(ValueError, match="budget|dense_layers"):
+        QuestSelection(**args)
 
 
 @settings(max_examples=60, deadline=None)
@@ -73,7 +71,7 @@ def test_quest_evicts_nothing():
 def test_pages_to_read_is_the_resolved_budget_in_pages(lens, budget, size):
     from vllm_kvcompress.policies.base import resolve_budget
 
-    got = Quest(budget=budget).pages_to_read(torch.tensor(lens), size).tolist()
+    got = QuestSelection(budget=budget).pages_to_read(torch.tensor(lens), size).tolist()
     expected = [max(1, min(-(-n // size), -(-resolve_budget(budget, max(n, 1)) // size)))
                 for n in lens]
     assert got == expected
