@@ -10,7 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from vllm_kvcompress.policies.quest import page_bounds, select_pages
-from vllm_kvcompress.policies.scoring import reduce_gqa, window_attention
+from vllm_kvcompress.policies.scoring import reduce_gqa, torch_window_attention
 
 
 def quest_page_bounds_reference(
@@ -34,8 +34,8 @@ def quest_select_reference(
 def window_scores_reference(
     keys: torch.Tensor, window_queries: torch.Tensor, scale: float, *, sum_gqa: bool = True
 ) -> torch.Tensor:
-    """Torch path: ``policies.scoring.window_attention`` (+ ``reduce_gqa`` "sum")."""
-    attn = window_attention(keys, window_queries, scale)
+    """Torch path: ``policies.scoring.torch_window_attention`` (+ ``reduce_gqa`` "sum")."""
+    attn = torch_window_attention(keys, window_queries, scale)
     return reduce_gqa(attn, keys.shape[0], "sum") if sum_gqa else attn
 
 
