@@ -10,6 +10,7 @@ import torch
 import vllm_kvcompress.kernels.triton as kernels
 from tests.kernels import references
 from tests.kernels.helpers import DEVICE, gpu_sweep, needs_triton
+from vllm_kvcompress.policies import scoring
 from vllm_kvcompress.policies.base import LayerInputs
 from vllm_kvcompress.policies.scoring import pool_scores, reduce_gqa, window_votes
 
@@ -53,8 +54,9 @@ def test_every_query_gives_one_unit_of_mass():
     torch.testing.assert_close(out.sum(-1), torch.full((2,), 27.0, device=DEVICE))
 
 
-def test_per_head_scores_give_snapkv_votes_with_torch_pooling():
+def test_per_head_scores_give_snapkv_votes_with_torch_pooling(monkeypatch):
     """Max pooling runs per query head before the GQA sum: the [Hq, T] form, pooled in torch."""
+    monkeypatch.setattr(scoring, "window_kernel", "torch")  # votes by the torch path
     gen = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 80, 64, generator=gen).to(DEVICE)
     queries = torch.randn(6, 16, 64, generator=gen).to(DEVICE)

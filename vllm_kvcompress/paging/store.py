@@ -33,6 +33,7 @@ allocation here succeeds, and a failure is a bug, raised loudly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,8 @@ import torch
 from vllm_kvcompress.paging.accounting import pages_for
 from vllm_kvcompress.paging.formats import PageFormat, decode, encode, page_format
 from vllm_kvcompress.paging.pool import PagePool
+
+QUANTIZE_KERNELS = ("triton", "torch")
 
 # Per-slot metadata a policy may need beside K and V.
 SLOT_METADATA = {"pos": ((), torch.int32), "mass": ((), torch.float32),
@@ -91,6 +94,32 @@ class StoreShape:
         return self.page_size * self.slot_bytes
 
 
+def encode_into(fmt: PageFormat, side: str, x: torch.Tensor, parts: dict[str, torch.Tensor],
+                pages: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Torch path of the write: ``formats.encode`` x [N, D], then store it at (pages, offsets) [N]."""
+    for name, part in encode(fmt, side, x).items():
+        parts[name][pages, offsets] = part.to(parts[name].dtype)
+
+
+def quantize_writer(name: str | None, device: torch.device) -> tuple[str, Callable]:
+    """``(name, writer)`` of the quantize-on-write path called ``name`` (None: the device's
+    default, Triton on CUDA where it can run). The writer has :func:`encode_into`'s signature
+    and result; a path asked for by name must run."""
+    if name not in (None, *QUANTIZE_KERNELS):
+        raise ValueError(f"quantize_kernel {name!r}: expected triton, torch or None")
+    if name == "torch" or (name is None and device.type != "cuda"):
+        return "torch", encode_into
+    # Imported here, not at the top: Triton picks GPU or interpreter at its first import.
+    from vllm_kvcompress.kernels import triton as kernels
+
+    if kernels.available() and (device.type == "cuda" or kernels.INTERPRETED):
+        return "triton", kernels.quantize_into
+    if name is None:
+        return "torch", encode_into
+    raise RuntimeError("the triton quantize kernel cannot run here: it needs the pages on a "
+                       "CUDA device (or TRITON_INTERPRET=1 on a CPU)")
+
+
 class PagedKVStore:
     def __init__(
         self,
@@ -99,10 +128,15 @@ class PagedKVStore:
         max_requests: int,
         max_tokens_per_row: int,
         device: torch.device | str = "cpu",
+        quantize_kernel: str | None = None,
     ) -> None:
+        """``quantize_kernel``: how :meth:`write` encodes K and V into the pages, "triton"
+        (the default on CUDA where Triton runs) or "torch" (``formats.encode``, the default
+        elsewhere); both store the same bytes."""
         self.shape = shape
         layers, heads, size = shape.num_layers, shape.num_kv_heads, shape.page_size
         self.device = torch.device(device)
+        self.quantize_kernel, self._encode_into = quantize_writer(quantize_kernel, self.device)
         # Zeros, not empty: masked-out slots are still multiplied by 0, and 0 * NaN is NaN.
         self.parts = {
             name: torch.zeros((num_pages, size, *dims), dtype=dtype, device=device)
@@ -226,23 +260,28 @@ class PagedKVStore:
     ) -> None:
         """Store tokens: ``rows``/``slots`` [N, H] say where, key/value [N, H, D]."""
         pages, offsets = self._locate(layer, rows, slots)
-        fmt = self.shape.format
+        flat_pages, flat_offsets = pages.reshape(-1), offsets.reshape(-1)
         for side, x in (("k", key), ("v", value)):
-            encoded = encode(fmt, side, x)
-            for name, part in encoded.items():
-                self.parts[name][pages, offsets] = part.to(self.parts[name].dtype)
-            if side == "k" and self.key_bounds is not None:
-                # Bounds of the keys as attention will read them (after dequantization).
-                stored = decode(fmt, "k", encoded, self.shape.dtype).flatten(0, -2)
-                index = pages.reshape(-1, 1).expand_as(stored)
-                self.key_bounds[:, 0].scatter_reduce_(0, index, stored, "amin")
-                self.key_bounds[:, 1].scatter_reduce_(0, index, stored, "amax")
+            self._encode_into(self.shape.format, side, _rows_of(x), self.parts, flat_pages,
+                              flat_offsets)
+        if self.key_bounds is not None:
+            self._widen_key_bounds(flat_pages, flat_offsets)
         if "pos" in self.parts:
             self.parts["pos"][pages, offsets] = positions.to(torch.int32).view(-1, 1).expand_as(pages)
         if "mass" in self.parts:
             self.parts["mass"][pages, offsets] = 0.0
         if "count" in self.parts:
             self.parts["count"][pages, offsets] = 1.0
+
+    def _widen_key_bounds(self, pages: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Widen the bounds of ``pages`` [N] by the keys just stored at ``offsets``, read back
+        as attention will read them (dequantized), whichever path wrote them."""
+        stored = {name: self.parts[name][pages, offsets]
+                  for name in self._kv_names if name.startswith("k")}
+        keys = decode(self.shape.format, "k", stored, self.shape.dtype)  # [N, D]
+        index = pages.view(-1, 1).expand_as(keys)
+        self.key_bounds[:, 0].scatter_reduce_(0, index, keys, "amin")
+        self.key_bounds[:, 1].scatter_reduce_(0, index, keys, "amax")
 
     def gather(self, layer: int, rows: np.ndarray, scratch: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,9 +415,8 @@ class PagedKVStore:
         low = within < size  # the page's value half; the rest go to its key half
         for name, part in stored.items():
             self.parts[name][dst[low], within[low]] = part[low]
-        recoded = encode(fmt, "k", decode(fmt, "v", stored, self.shape.dtype)[~low])
-        for name, part in recoded.items():
-            self.parts[name][dst[~low], within[~low] - size] = part.to(self.parts[name].dtype)
+        values = decode(fmt, "v", stored, self.shape.dtype)[~low]
+        self._encode_into(fmt, "k", values, self.parts, dst[~low], within[~low] - size)
 
     def gather_values(self, layer: int, rows: np.ndarray) -> torch.Tensor:
         """Values of the value rows of ``rows`` as [R, T, D] (pad past ``value_lens``)."""
@@ -437,3 +475,9 @@ class PagedKVStore:
         """Token-heads stored, values-only ones included."""
         shared = 0 if self.value_lens is None else int(self.value_lens.sum())
         return int(self.lens.sum()) + shared
+
+
+def _rows_of(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as [N, D] with contiguous channels (what both write paths take)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -2,6 +2,11 @@
 
 The last ``W`` prompt queries "vote" for the keys they attend to; the votes
 are smoothed along the sequence and folded from query heads onto KV heads.
+
+The window's attention runs in the Triton kernel ``kernels.triton.window_scores``
+for tensors on a CUDA device where it can run, else in torch
+(:func:`torch_window_attention`, the kernel's reference); :data:`window_kernel`
+forces either. Pooling is always torch.
 """
 
 from __future__ import annotations
@@ -11,6 +16,12 @@ import torch.nn.functional as F
 
 POOLINGS = ("max", "avg")
 GQA_REDUCTIONS = ("sum", "mean", "max")
+WINDOW_KERNELS = ("triton", "torch")
+# Which path scores the window: "triton", "torch", or None for the device's default
+# (Triton for CUDA tensors where it can run). Tests force "triton" on the CPU, where
+# it runs in Triton's interpreter; a forced kernel that cannot run raises.
+window_kernel: str | None = None
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def window_attention(
@@ -23,18 +34,76 @@ def window_attention(
     sees keys up to that position. The softmax runs in float32 whatever the
     input dtype, since bf16 probabilities of long prompts underflow.
     """
+    return window_scores(keys, window_queries, scale, sum_gqa=False)
+
+
+def window_scores(
+    keys: torch.Tensor, window_queries: torch.Tensor, scale: float, *, sum_gqa: bool
+) -> torch.Tensor:
+    """:func:`window_attention` [Hq, T], or with ``sum_gqa`` summed per KV head [H, T]."""
+    _check_window(keys, window_queries)
+    kernels = _window_kernel(keys, window_queries)
+    if kernels is not None:
+        # The kernel indexes head_dim with stride 1; keys and queries of one dtype.
+        keys, window_queries = keys.contiguous(), window_queries.contiguous()
+        return kernels.window_scores(keys, window_queries, scale, sum_gqa=sum_gqa)
+    attn = torch_window_attention(keys, window_queries, scale)
+    return reduce_gqa(attn, keys.shape[0], "sum") if sum_gqa else attn
+
+
+def torch_window_attention(
+    keys: torch.Tensor, window_queries: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The torch path of :func:`window_attention`, on any device."""
+    _check_window(keys, window_queries)
     num_kv_heads, num_tokens, _ = keys.shape
     num_q_heads, observed, _ = window_queries.shape
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} query heads do not group onto {num_kv_heads} KV heads")
-    if observed > num_tokens:
-        raise ValueError(f"window of {observed} queries is longer than the {num_tokens} keys")
     k = keys.float().repeat_interleave(num_q_heads // num_kv_heads, dim=0)
     logits = window_queries.float() @ k.transpose(-1, -2) * scale  # [Hq, W, T]
     query_pos = torch.arange(num_tokens - observed, num_tokens, device=keys.device)
     key_pos = torch.arange(num_tokens, device=keys.device)
     logits.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
     return logits.softmax(dim=-1).sum(dim=1)
+
+
+def _check_window(keys: torch.Tensor, window_queries: torch.Tensor) -> None:
+    num_kv_heads, num_tokens, _ = keys.shape
+    num_q_heads, observed, _ = window_queries.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not group onto {num_kv_heads} KV heads")
+    if observed > num_tokens:
+        raise ValueError(f"window of {observed} queries is longer than the {num_tokens} keys")
+
+
+def _window_kernel(keys: torch.Tensor, window_queries: torch.Tensor):
+    """``kernels.triton`` if it scores these tensors, else None (the torch path)."""
+    if window_kernel not in (None, *WINDOW_KERNELS):
+        raise ValueError(f"window_kernel {window_kernel!r}: expected triton, torch or None")
+    if window_kernel == "torch" or (window_kernel is None and not keys.is_cuda):
+        return None
+    # Imported here, not at the top: Triton picks GPU or interpreter at its first import.
+    from vllm_kvcompress.kernels import triton as kernels
+
+    why = _kernel_refuses(kernels, keys, window_queries)
+    if why is None:
+        return kernels
+    if window_kernel is None:
+        return None
+    raise RuntimeError(f"the triton window kernel cannot score these: {why}")
+
+
+def _kernel_refuses(kernels, keys: torch.Tensor, window_queries: torch.Tensor) -> str | None:
+    """Why the kernel cannot score these tensors, or None."""
+    if not (kernels.available() and (keys.is_cuda or kernels.INTERPRETED)):
+        return "it needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)"
+    if keys.dtype != window_queries.dtype or keys.dtype not in _KERNEL_DTYPES:
+        return f"keys {keys.dtype}, queries {window_queries.dtype}: one of {_KERNEL_DTYPES}"
+    head_dim = keys.shape[-1]
+    if not 16 <= head_dim <= 256 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of 2 in 16..256"
+    if window_queries.shape[1] == 0:
+        return "an empty window"
+    return None
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, kind: str = "max") -> torch.Tensor:
@@ -82,6 +151,9 @@ def window_votes(inputs, kernel_size: int, pooling: str) -> torch.Tensor:
     and its keys' self-attention would inflate their neighbours. Unprotected.
     """
     observed = inputs.window_queries.shape[1]
+    if kernel_size == 1:  # nothing to pool before the GQA sum: the kernel can fold it
+        return window_scores(inputs.keys, inputs.window_queries, inputs.scale, sum_gqa=True)
+    # Max pooling does not commute with the sum: pool each query head's [Hq, T] first.
     attn = window_attention(inputs.keys, inputs.window_queries, inputs.scale)
     prefix = attn.shape[-1] - observed
     attn[:, :prefix] = pool_scores(attn[:, :prefix], kernel_size, pooling)

@@ -1,9 +1,15 @@
 """Triton kernels over the page store, each beside a torch reference of the same signature.
 
+Where they serve (on CUDA, by default, where Triton runs; each caller can force torch):
+
 * ``paged_decode``: decode attention reading the pages in any format (split-K);
-* ``quantize_into``: quantize-and-pack K or V into page slots;
-* ``window_scores``: observation-window scoring (softmax over keys, GQA sum);
-* ``quest_page_bounds`` / ``quest_select``: Quest's page bounds and top pages.
+  ``KVCompressor``'s decode path (``decode_kernel``);
+* ``quantize_into``: quantize-and-pack K or V into page slots; ``PagedKVStore.write``
+  (``quantize_kernel``), bit-identical to ``formats.encode`` on the same device;
+* ``window_scores``: observation-window scoring (softmax over keys, GQA sum) at the
+  end of prefill; ``policies.scoring`` (``window_kernel``), SnapKV and its kin;
+* ``quest_page_bounds`` / ``quest_select``: Quest's page bounds and top pages (the
+  compressor still uses the torch path, ``policies.quest``).
 
 Triton decides when a kernel is *decorated*, i.e. when this package is first
 imported, whether it compiles for the GPU or runs in its CPU interpreter

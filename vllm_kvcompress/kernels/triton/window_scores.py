@@ -13,7 +13,8 @@ The output is ``reduce_gqa(window_attention(...), H, "sum")`` of
 [Hq, T]. Pooling stays in torch (``scoring.pool_scores`` on the result): SnapKV
 max-pools each query head *before* the GQA sum, and max does not commute with
 the sum, so ``window_votes`` takes the [Hq, T] form; avg pooling (linear) may
-pool the summed [H, T].
+pool the summed [H, T]. ``policies.scoring`` calls it for CUDA tensors (its
+``window_scores``, which SnapKV and its kin reach through ``window_votes``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _scores_kernel(
     # Queries of the window that can see this block's first key.
     first_row = tl.maximum(tl.program_id(1) * BLOCK_T - (num_keys - observed), 0)
     first_row = (first_row // BLOCK_M) * BLOCK_M
-    for g in range(0, HEADS):  # the query heads summed into this output row
+    for g in range(HEADS):  # the query heads summed into this output row
         qhead = head * HEADS + g
         for start in range(first_row, observed, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
