@@ -37,6 +37,21 @@ def _decode_path(device: str) -> str:
     return "cpu (the C++ kernel)" if kernels.available() else "torch (the C++ kernel did not build)"
 
 
+def _write_and_score_path(device: str) -> str:
+    """Quantize-on-write and window scoring (see the session): forced with the decode
+    kernel when that is triton or torch, else Triton on CUDA where it runs."""
+    from vllm_kvcompress.vllm.runners.session import DECODE_KERNEL_ENV
+
+    forced = os.environ.get(DECODE_KERNEL_ENV)
+    if forced in ("triton", "torch"):
+        return f"{forced} (forced by {DECODE_KERNEL_ENV})"
+    if device == "cuda":
+        from vllm_kvcompress.kernels import triton as kernels
+
+        return "triton" if kernels.available() else "torch (Triton cannot run here)"
+    return "torch"
+
+
 def report(model: str, serve_args: list[str]) -> tuple[list[tuple[str, str]], bool]:
     """(label, value) lines and whether compression would engage."""
     from vllm.engine.arg_utils import EngineArgs
@@ -88,6 +103,7 @@ def report(model: str, serve_args: list[str]) -> tuple[list[tuple[str, str]], bo
     lines.append(("attention backend", f"vllm_kvcompress KVCompressAttentionBackend, "
                                        f"registered as vLLM's {backend}"))
     lines.append(("decode kernel", _decode_path(device)))
+    lines.append(("quantize-on-write, window scoring", _write_and_score_path(device)))
     # What the worker refuses from the layers' cache specs, foreseen from the model's config.
     model_config = vllm_config.model_config
     kinds = {"multi-head latent attention": model_config.use_mla,

@@ -36,6 +36,7 @@ from vllm_kvcompress.paging.accounting import shares_keys
 from vllm_kvcompress.paging.formats import page_format
 from vllm_kvcompress.paging.step import StepRequest
 from vllm_kvcompress.paging.store import PagedKVStore, StoreShape
+from vllm_kvcompress.policies import scoring
 from vllm_kvcompress.vllm.metrics import STATS_KEY, WorkerStats
 
 logger = init_logger("vllm.kvcompress")
@@ -174,34 +175,40 @@ class KVCompressSession:
         model = self.vllm_config.model_config
         shape = self._store_shape(spec, len(layer_names))
         total_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
-        store = PagedKVStore(
-            shape,
-            num_pages=total_bytes // shape.page_bytes,
-            max_requests=self.vllm_config.scheduler_config.max_num_seqs,
-            max_tokens_per_row=model.max_model_len,
-            device=self.device,
-        )
         kernel = os.environ.get(DECODE_KERNEL_ENV) or None
         if kernel is not None and kernel not in KERNELS:
             raise Unsupported(f"{DECODE_KERNEL_ENV}={kernel!r}; allowed: "
                               f"{', '.join(KERNELS)} (or unset for the device's default)")
+        # Forcing triton or torch forces the quantize-on-write and window-scoring paths too
+        # (cpu, the C++ decode kernel, leaves them to the device's default).
+        others = kernel if kernel in ("triton", "torch") else None
+        scoring.window_kernel = others
         try:
+            store = PagedKVStore(
+                shape,
+                num_pages=total_bytes // shape.page_bytes,
+                max_requests=self.vllm_config.scheduler_config.max_num_seqs,
+                max_tokens_per_row=model.max_model_len,
+                device=self.device,
+                quantize_kernel=others,
+            )
             self.compressor = KVCompressor(
                 store, self.policies.resolve(None), model.get_num_attention_heads(parallel),
                 selector=self.config.build_selector(), decode_kernel=kernel, windows=windows,
             )
-        except (RuntimeError, ValueError) as exc:  # a decode kernel that cannot run here;
-            raise Unsupported(str(exc)) from None  # key sharing with local layers
+        except (RuntimeError, ValueError) as exc:  # a kernel that cannot run here; key
+            raise Unsupported(str(exc)) from None  # sharing with local layers
         for name in layer_names:
             forward_context[name].impl.session = self
         for group in attn_groups:
             for builder in group.metadata_builders:
                 builder.session = self
         logger.info("kvcompress: policy %s, %s pages, %d pages of %d tokens (%d bytes a token-head, "
-                    "%.2f GiB) for %d layers x %d KV heads; decode attention on the %s path",
+                    "%.2f GiB) for %d layers x %d KV heads; decode attention on the %s path, "
+                    "quantize-on-write on the %s path",
                     self.config.policy, self.config.page_format, store.pool.num_pages,
                     shape.page_size, shape.slot_bytes, total_bytes / (1 << 30), shape.num_layers,
-                    shape.num_kv_heads, self.compressor.decode_path)
+                    shape.num_kv_heads, self.compressor.decode_path, store.quantize_kernel)
         return self.compressor
 
     # -- steps ---------------------------------------------------------------
