@@ -369,7 +369,8 @@ class KVCompressor:
         # Gathered at most once, and only when scoring or merging needs the keys.
         inputs = functools.cache(
             lambda: self._inputs(policy, layer, rows, prompt_len, window, scale))
-        keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool)
+        keep = torch.ones(len(rows), int(self.store.lens[layer, rows].max()), dtype=torch.bool,
+                          device=self.store.device)
         chosen = self._select(policy, slot, layer, budget, inputs)
         keep[:, :prompt_len] = chosen
         merged = policy.merge(inputs(), chosen) if policy.needs_counts else None
@@ -465,15 +466,16 @@ class KVCompressor:
             return
         rows, over = rows[sel], over[sel]
         positions = self.store.gather_slot_metadata(layer, rows, "pos")  # -1 past the end
-        lens = torch.from_numpy(self.store.lens[layer, rows])
+        device = positions.device
+        lens = torch.from_numpy(self.store.lens[layer, rows]).to(device)
         # Oldest first; empty slots never chosen.
-        age = positions.float().masked_fill(torch.arange(positions.shape[1]) >= lens[:, None],
-                                            PROTECTED)
+        age = positions.float().masked_fill(
+            torch.arange(positions.shape[1], device=device) >= lens[:, None], PROTECTED)
         if not in_order and over.max() == 1:
-            self.store.evict_one(layer, rows, age.argmin(dim=1).numpy())
+            self.store.evict_one(layer, rows, age.argmin(dim=1).cpu().numpy())
         else:
             rank = age.argsort(dim=1).argsort(dim=1)
-            self.store.compact(layer, rows, rank >= torch.from_numpy(over).unsqueeze(1))
+            self.store.compact(layer, rows, rank >= torch.from_numpy(over).to(device)[:, None])
         self.stats.evicted_tokens += int(over.sum())
 
     def _evict(self, layer, step) -> None:
@@ -501,10 +503,11 @@ class KVCompressor:
         scores = torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1]), value=PROTECTED)
                             for _, _, s in ranked])
         if over.max() == 1:
-            self.store.evict_one(layer, rows, scores.argmin(dim=1).numpy())
+            self.store.evict_one(layer, rows, scores.argmin(dim=1).cpu().numpy())
         else:
             rank = scores.argsort(dim=1).argsort(dim=1)
-            self.store.compact(layer, rows, rank >= torch.from_numpy(over).unsqueeze(1))
+            self.store.compact(layer, rows,
+                               rank >= torch.from_numpy(over).to(scores.device)[:, None])
         self.stats.evicted_tokens += int(over.sum())
 
     def _rank_for_eviction(self, layer, step, picked) -> tuple[np.ndarray, np.ndarray,
@@ -521,14 +524,15 @@ class KVCompressor:
         over = self.store.lens[layer, rows] - caps
         sel = over > 0
         rows, caps, newest, over = rows[sel], caps[sel], newest[sel], over[sel]
+        device = self.store.device
         if not len(rows):
-            return rows, over, torch.empty(0, 0)
+            return rows, over, torch.empty(0, 0, device=device)
         positions = self.store.gather_slot_metadata(layer, rows, "pos")
         mass = (self.store.gather_slot_metadata(layer, rows, "mass")
                 if policy.needs_attention_mass else torch.zeros_like(positions, dtype=torch.float32))
         scores = policy.slot_scores(
-            positions, mass, torch.from_numpy(newest), torch.from_numpy(caps)
+            positions, mass, torch.from_numpy(newest).to(device), torch.from_numpy(caps).to(device)
         ).float()
-        lens = torch.from_numpy(self.store.lens[layer, rows])
-        empty = torch.arange(scores.shape[1]) >= lens.unsqueeze(1)
+        lens = torch.from_numpy(self.store.lens[layer, rows]).to(device)
+        empty = torch.arange(scores.shape[1], device=device) >= lens.unsqueeze(1)
         return rows, over, scores.masked_fill(empty, PROTECTED)

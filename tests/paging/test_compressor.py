@@ -26,12 +26,13 @@ LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 3, 16
 
 
 def make(policy=None, page_size=4, num_pages=4096, max_requests=8, max_tokens=512, fmt="none",
-         windows=None, selector=None):
+         windows=None, selector=None, device="cpu", decode_kernel=None):
     shape = StoreShape(LAYERS, KV_HEADS, DIM, page_size, torch.float64, page_format(fmt),
                        metadata_for(policy, windowed=bool(windows and any(windows))),
                        value_rows=shares_keys(policy, LAYERS), key_bounds=selector is not None)
-    store = PagedKVStore(shape, num_pages, max_requests, max_tokens)
-    return KVCompressor(store, policy, KV_HEADS * GROUP, windows=windows, selector=selector)
+    store = PagedKVStore(shape, num_pages, max_requests, max_tokens, device=device)
+    return KVCompressor(store, policy, KV_HEADS * GROUP, windows=windows, selector=selector,
+                        decode_kernel=decode_kernel)
 
 
 class Sequence:
@@ -59,7 +60,8 @@ class Sequence:
 
 
 def run_schedule(comp: KVCompressor, seqs: list[Sequence], rng: np.random.Generator, check: bool,
-                 abort_rate: float = 0.0, tol: dict | None = None, policy_of=None):
+                 abort_rate: float = 0.0, tol: dict | None = None, policy_of=None,
+                 device: str = "cpu"):
     """Random continuous batching: chunked prefill, decode, requests finishing or aborted."""
     scale = DIM ** -0.5
     active = list(seqs)
@@ -75,7 +77,7 @@ def run_schedule(comp: KVCompressor, seqs: list[Sequence], rng: np.random.Genera
             q = torch.cat([s.q[layer, r.computed_before:r.total_after] for s, r in zip(batch, reqs)])
             k = torch.cat([s.k[layer, r.computed_before:r.total_after] for s, r in zip(batch, reqs)])
             v = torch.cat([s.v[layer, r.computed_before:r.total_after] for s, r in zip(batch, reqs)])
-            out = comp.forward_layer(layer, q, k, v, scale)
+            out = comp.forward_layer(layer, q.to(device), k.to(device), v.to(device), scale).cpu()
             for s, r, piece in zip(batch, reqs, out.split([r.num_new for r in reqs])):
                 s.out[layer, r.computed_before:r.total_after] = piece
             if check:
@@ -683,3 +685,29 @@ def test_scratch_gather_equals_a_fresh_gather(fmt):
         scratch = store.gather(0, rows, scratch=True)
         for a, b in zip(fresh, scratch):
             torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("windowed", [False, True])
+@pytest.mark.parametrize("name", ["h2o", "streamingllm", "snapkv", "spindlekv", "pod", "quest"])
+def test_a_cuda_store_serves_what_a_cpu_store_serves(name, windowed):
+    """Every host-side count the compressor builds meets the pages on their device: the
+    same random schedule (eviction, decode-time caps, merging, shared keys, Quest, local
+    layers) gives the same outputs and leaves no page behind on CUDA as on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if windowed and name == "pod":
+        pytest.skip("key sharing does not combine with local layers")
+    quest = name == "quest"
+    outputs = []
+    for device in ("cpu", "cuda"):
+        policy = None if quest else build_policy(name, budget=0.25, window=4, sink_tokens=2)
+        comp = make(policy, windows=(6, None) if windowed else None, device=device,
+                    selector=QuestSelection(0.25, dense_layers=0) if quest else None,
+                    decode_kernel="torch")
+        rng = np.random.default_rng(11)
+        seqs = random_sequences(torch.Generator().manual_seed(11), rng, 5, 20, 120, max_new=20)
+        run_schedule(comp, seqs, rng, check=False, abort_rate=0.05, device=device)
+        assert comp.store.pool.num_used == 0
+        outputs.append(torch.cat([s.out.flatten() for s in seqs]))
+    torch.testing.assert_close(outputs[1], outputs[0])

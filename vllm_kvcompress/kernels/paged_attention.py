@@ -103,7 +103,8 @@ def decode_attention(
     num_kv_heads = keys.shape[1]
     group = num_q_heads // num_kv_heads
     if visible is None:
-        visible = torch.arange(keys.shape[2], device=q.device) < lens.unsqueeze(-1)  # [B, H, T]
+        visible = (torch.arange(keys.shape[2], device=q.device)
+                   < lens.to(q.device).unsqueeze(-1))  # [B, H, T]
     bias = None if counts is None else counts.clamp_min(1e-30).log()[:, :, None, None]
     if logits is not None:  # [B, H, G, n = 1, T]
         logits = logits.view(batch, num_kv_heads, group, 1, -1)
@@ -143,6 +144,7 @@ def chunk_attention(
     n, num_q_heads, head_dim = q.shape
     num_kv_heads, total, _ = keys.shape
     group = num_q_heads // num_kv_heads
+    lens_before = lens_before.to(q.device)  # host counts, device arithmetic
     q = q.transpose(0, 1).reshape(num_kv_heads, group, n, head_dim)
     slot = torch.arange(total, device=q.device)
     if not need_mass and not soft_cap and sinks is None:

@@ -267,7 +267,8 @@ class PagedKVStore:
         if self.key_bounds is not None:
             self._widen_key_bounds(flat_pages, flat_offsets)
         if "pos" in self.parts:
-            self.parts["pos"][pages, offsets] = positions.to(torch.int32).view(-1, 1).expand_as(pages)
+            self.parts["pos"][pages, offsets] = positions.to(self.device, torch.int32).view(
+                -1, 1).expand_as(pages)
         if "mass" in self.parts:
             self.parts["mass"][pages, offsets] = 0.0
         if "count" in self.parts:
@@ -434,8 +435,9 @@ class PagedKVStore:
         Moves every component of a slot as stored: nothing is re-quantized.
         Returns the new length of every row.
         """
-        lens = torch.from_numpy(self.lens[layer, rows]).to(keep.device)
-        keep = keep & (torch.arange(keep.shape[1], device=keep.device) < lens.unsqueeze(1))
+        keep = keep.to(self.device)  # masks built on the host index the pages here
+        lens = torch.from_numpy(self.lens[layer, rows]).to(self.device)
+        keep = keep & (torch.arange(keep.shape[1], device=self.device) < lens.unsqueeze(1))
         kept = keep.sum(dim=1)
         new_lens = kept.cpu().numpy().astype(np.int64)
         longest = int(new_lens.max())

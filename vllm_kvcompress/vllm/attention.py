@@ -143,7 +143,7 @@ class KVCompressAttentionImpl(AttentionImpl):
         """Causal attention inside each request, no cache (profiling runs)."""
         out = torch.empty_like(query)
         starts = query_start_loc.tolist()
-        no_history = torch.zeros(self.num_kv_heads, dtype=torch.long)
+        no_history = torch.zeros(self.num_kv_heads, dtype=torch.long, device=query.device)
         for start, end in zip(starts[:-1], starts[1:]):
             if end > start:
                 out[start:end] = chunk_attention(
