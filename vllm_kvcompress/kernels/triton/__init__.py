@@ -8,8 +8,8 @@ Where they serve (on CUDA, by default, where Triton runs; each caller can force 
   (``quantize_kernel``), bit-identical to ``formats.encode`` on the same device;
 * ``window_scores``: observation-window scoring (softmax over keys, GQA sum) at the
   end of prefill; ``policies.scoring`` (``window_kernel``), SnapKV and its kin;
-* ``quest_page_bounds`` / ``quest_select``: Quest's page bounds and top pages (the
-  compressor still uses the torch path, ``policies.quest``).
+* ``quest_page_bounds`` / ``quest_select``: Quest's page bounds and top pages;
+  ``decode.quest.QuestReader`` where the pages are read by ``paged_decode``.
 
 Triton decides when a kernel is *decorated*, i.e. when this package is first
 imported, whether it compiles for the GPU or runs in its CPU interpreter
