@@ -121,3 +121,14 @@ def test_soft_cap_and_sinks_over_chunks_and_decode_are_the_definition():
                 sinks=sinks)
             torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
         comp.end_step()
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 96])
+def test_the_triton_kernel_refuses_head_sizes_it_does_not_tile(head_dim):
+    """Asked for by name, a head size the Triton decode kernel cannot tile stops start-up
+    with the reason (on CUDA the default gives way to the torch path instead)."""
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("Triton cannot run here")
+    device = "cpu" if INTERPRET else "cuda"
+    with pytest.raises(RuntimeError, match=f"head_dim {head_dim} only as a power of two"):
+        compressor(None, "none", head_dim, "triton", device)

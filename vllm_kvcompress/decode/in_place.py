@@ -7,6 +7,7 @@ where it builds) share one signature, each checked against
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -16,21 +17,27 @@ from vllm_kvcompress.paging.accounting import pages_for
 from vllm_kvcompress.paging.store import PagedKVStore
 
 KERNELS = ("triton", "cpu", "torch")
+logger = logging.getLogger("vllm.kvcompress")
 
 
 def decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
     """The paged decode kernel called ``name`` (``None``: the device's default), or ``None``
-    for the torch path. The default CPU kernel gives way to the torch path where it cannot
-    run (no compiler: its loader logs why; float64); a kernel asked for by name must run."""
+    for the torch path. The default kernel gives way to the torch path where it cannot run
+    (no compiler: its loader logs why; float64; a head size the Triton kernel does not
+    tile); a kernel asked for by name must run."""
     if name == "torch":
         return None
     default, name = name is None, name or ("triton" if store.device.type == "cuda" else "cpu")
+    head_dim = store.shape.head_dim
     # Imported here: Triton picks GPU or interpreter when its kernels are first imported.
     if name == "triton":
         from vllm_kvcompress.kernels import triton as kernels
 
-        why = (None if kernels.available() and (store.device.type == "cuda" or kernels.INTERPRETED)
-               else "it needs the pages on a CUDA device (or TRITON_INTERPRET=1 on a CPU)")
+        why = ("it needs the pages on a CUDA device (or TRITON_INTERPRET=1 on a CPU)"
+               if not (kernels.available() and (store.device.type == "cuda"
+                                                or kernels.INTERPRETED)) else
+               f"it tiles head_dim {head_dim} only as a power of two >= 16"
+               if head_dim < 16 or head_dim & (head_dim - 1) else None)
     elif name == "cpu":
         from vllm_kvcompress.kernels import cpu as kernels
 
@@ -41,7 +48,9 @@ def decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
         raise ValueError(f"decode_kernel {name!r}: expected {', '.join(KERNELS)} or None")
     if why is None:
         return kernels.paged_decode
-    if default and name == "cpu":
+    if default:
+        logger.warning("kvcompress: the %s decode kernel cannot run here (%s); decode reads "
+                       "the pages on the torch path", name, why)
         return None
     raise RuntimeError(f"the {name} decode kernel cannot run here: {why}")
 
