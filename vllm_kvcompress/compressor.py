@@ -265,7 +265,7 @@ class KVCompressor:
         need_mass = self.needs.attention_mass
         out = torch.zeros_like(query)  # a failed request's rows stay zero
         if len(step.decode):
-            self.reader.observe(layer, query[step.decode_tokens])
+            self.reader.observe(layer, query, step.decode_tokens)
         # Each piece of work isolates the requests it fails for (see _isolated).
         self._isolated(step, step.decode, lambda picked: self._attend_decode(
             layer, step, picked, query, scale, out))
@@ -295,16 +295,16 @@ class KVCompressor:
         picked = np.asarray(picked, dtype=np.int64)
         tokens = torch.from_numpy(step.starts[picked])
         rows = step.slots[picked, None] * self.num_kv_heads + np.arange(self.num_kv_heads)
+        flat = rows.reshape(-1)
         result = self.reader.read(DecodeBatch(
-            layer, rows.reshape(-1),
-            torch.from_numpy(self.store.lens[layer, rows]).to(self.store.device),
+            layer, flat, torch.from_numpy(self.store.lens[layer, rows]).to(self.store.device),
             query[tokens], scale, decode_index=np.searchsorted(step.decode, picked),
             **self._attn_extra))
         out[tokens] = result.out
         self.stats.decode_tokens_held += result.held
         self.stats.decode_tokens_read += result.read
         if result.mass is not None:
-            self.store.add_mass(layer, rows.reshape(-1), result.mass)
+            self.store.add_mass(layer, flat, result.mass)
 
     def _attend_chunk(self, layer, step, i, query, key, value, scale, need_mass, out) -> None:
         req, start, end = step.requests[i], int(step.starts[i]), int(step.starts[i + 1])
@@ -314,7 +314,7 @@ class KVCompressor:
             # Nothing cached yet: attend the chunk's own keys, skip the gather.
             keys, values = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
         else:
-            if self.store.value_lens is not None and self.store.value_lens[layer, rows].any():
+            if self.store.shared_counts(layer, rows) is not None:
                 # Shared scores are decode-only: a compressed request gets one token a step.
                 raise RuntimeError(f"request {req.req_id}: {req.num_new} tokens in one step "
                                    "after its prefill, which shared-key layers cannot attend")
@@ -466,17 +466,9 @@ class KVCompressor:
             return
         rows, over = rows[sel], over[sel]
         positions = self.store.gather_slot_metadata(layer, rows, "pos")  # -1 past the end
-        device = positions.device
-        lens = torch.from_numpy(self.store.lens[layer, rows]).to(device)
-        # Oldest first; empty slots never chosen.
-        age = positions.float().masked_fill(
-            torch.arange(positions.shape[1], device=device) >= lens[:, None], PROTECTED)
-        if not in_order and over.max() == 1:
-            self.store.evict_one(layer, rows, age.argmin(dim=1).cpu().numpy())
-        else:
-            rank = age.argsort(dim=1).argsort(dim=1)
-            self.store.compact(layer, rows, rank >= torch.from_numpy(over).to(device)[:, None])
-        self.stats.evicted_tokens += int(over.sum())
+        # Oldest first.
+        self._drop_lowest(layer, rows, self._protect_empty(layer, rows, positions.float()), over,
+                          in_order)
 
     def _evict(self, layer, step) -> None:
         """Bring decode-capped rows back to their cap, lowest-ranked slots first.
@@ -502,7 +494,14 @@ class KVCompressor:
         width = max(s.shape[1] for _, _, s in ranked)
         scores = torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1]), value=PROTECTED)
                             for _, _, s in ranked])
-        if over.max() == 1:
+        self._drop_lowest(layer, rows, scores, over, in_order=False)
+
+    def _drop_lowest(self, layer, rows, scores: torch.Tensor, over: np.ndarray,
+                     in_order: bool) -> None:
+        """Drop the ``over[i]`` lowest-scored slots of each row (scores [R, S], empty slots
+        protected). One slot a row moves the row's last slot into it, unless ``in_order``
+        (slot order must hold); otherwise the row is compacted."""
+        if not in_order and over.max() == 1:
             self.store.evict_one(layer, rows, scores.argmin(dim=1).cpu().numpy())
         else:
             rank = scores.argsort(dim=1).argsort(dim=1)
@@ -533,6 +532,10 @@ class KVCompressor:
         scores = policy.slot_scores(
             positions, mass, torch.from_numpy(newest).to(device), torch.from_numpy(caps).to(device)
         ).float()
-        lens = torch.from_numpy(self.store.lens[layer, rows]).to(device)
-        empty = torch.arange(scores.shape[1], device=device) >= lens.unsqueeze(1)
-        return rows, over, scores.masked_fill(empty, PROTECTED)
+        return rows, over, self._protect_empty(layer, rows, scores)
+
+    def _protect_empty(self, layer, rows, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` [R, S] with the slots past each row's length never chosen."""
+        lens = torch.from_numpy(self.store.lens[layer, rows]).to(scores.device)
+        empty = torch.arange(scores.shape[1], device=scores.device) >= lens.unsqueeze(1)
+        return scores.masked_fill(empty, PROTECTED)

@@ -48,8 +48,9 @@ class DecodeReader(ABC):
     # What the pages are read with (the ``decode_path`` of the metrics): triton, cpu, torch.
     path = "torch"
 
-    def observe(self, layer: int, query: torch.Tensor) -> None:
-        """Every decoding request's query [B, Hq, D] of ``layer``, before any reading."""
+    def observe(self, layer: int, query: torch.Tensor, decode_tokens: torch.Tensor) -> None:
+        """The step's queries [N, Hq, D] of ``layer`` before any reading; ``decode_tokens``
+        [B] index the decoding requests' (a reader that keeps them copies only those)."""
 
     @abstractmethod
     def read(self, batch: DecodeBatch) -> DecodeResult:

@@ -33,9 +33,7 @@ def decode_kernel(name: str | None, store: PagedKVStore) -> Callable | None:
     if name == "triton":
         from vllm_kvcompress.kernels import triton as kernels
 
-        why = ("it needs the pages on a CUDA device (or TRITON_INTERPRET=1 on a CPU)"
-               if not (kernels.available() and (store.device.type == "cuda"
-                                                or kernels.INTERPRETED)) else
+        why = (kernels.NOT_HERE if not kernels.runs_on(store.device) else
                f"it tiles head_dim {head_dim} only as a power of two >= 16"
                if head_dim < 16 or head_dim & (head_dim - 1) else None)
     elif name == "cpu":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from vllm_kvcompress.decode.base import DecodeBatch, DecodeReader, DecodeResult
@@ -33,19 +32,12 @@ class SharedKeysReader(DecodeReader):
         self._sources = {key_source(i) for i in range(num_layers) if key_source(i) != i}
         self._queries: dict[int, torch.Tensor] = {}  # source layer -> this step's queries
 
-    def observe(self, layer: int, query: torch.Tensor) -> None:
+    def observe(self, layer: int, query: torch.Tensor, decode_tokens: torch.Tensor) -> None:
         if layer in self._sources:
-            self._queries[layer] = query
-
-    def shared_counts(self, layer: int, rows: np.ndarray) -> np.ndarray | None:
-        """Distant tokens [R] of ``rows`` whose keys the key-source layer holds, or ``None``."""
-        value_lens = self.store.value_lens
-        if value_lens is None or not value_lens[layer, rows].any():
-            return None
-        return value_lens[layer, rows]
+            self._queries[layer] = query[decode_tokens]
 
     def read(self, batch: DecodeBatch) -> DecodeResult:
-        shared = self.shared_counts(batch.layer, batch.rows)
+        shared = self.store.shared_counts(batch.layer, batch.rows)
         if shared is None:
             return self.dense.read(batch)
         store, layer, rows = self.store, batch.layer, batch.rows

@@ -112,12 +112,11 @@ def quantize_writer(name: str | None, device: torch.device) -> tuple[str, Callab
     # Imported here, not at the top: Triton picks GPU or interpreter at its first import.
     from vllm_kvcompress.kernels import triton as kernels
 
-    if kernels.available() and (device.type == "cuda" or kernels.INTERPRETED):
+    if kernels.runs_on(device):
         return "triton", kernels.quantize_into
     if name is None:
         return "torch", encode_into
-    raise RuntimeError("the triton quantize kernel cannot run here: it needs the pages on a "
-                       "CUDA device (or TRITON_INTERPRET=1 on a CPU)")
+    raise RuntimeError(f"the triton quantize kernel cannot run here: {kernels.NOT_HERE}")
 
 
 class PagedKVStore:
@@ -418,6 +417,12 @@ class PagedKVStore:
             self.parts[name][dst[low], within[low]] = part[low]
         values = decode(fmt, "v", stored, self.shape.dtype)[~low]
         self._encode_into(fmt, "k", values, self.parts, dst[~low], within[~low] - size)
+
+    def shared_counts(self, layer: int, rows: np.ndarray) -> np.ndarray | None:
+        """Values-only tokens [R] of ``rows`` (PoD's distant tokens), or ``None`` if none."""
+        if self.value_lens is None or not self.value_lens[layer, rows].any():
+            return None
+        return self.value_lens[layer, rows]
 
     def gather_values(self, layer: int, rows: np.ndarray) -> torch.Tensor:
         """Values of the value rows of ``rows`` as [R, T, D] (pad past ``value_lens``)."""

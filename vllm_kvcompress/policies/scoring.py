@@ -94,8 +94,8 @@ def _window_kernel(keys: torch.Tensor, window_queries: torch.Tensor):
 
 def _kernel_refuses(kernels, keys: torch.Tensor, window_queries: torch.Tensor) -> str | None:
     """Why the kernel cannot score these tensors, or None."""
-    if not (kernels.available() and (keys.is_cuda or kernels.INTERPRETED)):
-        return "it needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)"
+    if not kernels.runs_on(keys.device):
+        return kernels.NOT_HERE
     if keys.dtype != window_queries.dtype or keys.dtype not in _KERNEL_DTYPES:
         return f"keys {keys.dtype}, queries {window_queries.dtype}: one of {_KERNEL_DTYPES}"
     head_dim = keys.shape[-1]

@@ -29,9 +29,7 @@ def _decode_path(device: str) -> str:
     if forced:
         return f"{forced} (forced by {DECODE_KERNEL_ENV})"
     if device == "cuda":
-        from vllm_kvcompress.kernels import triton as kernels
-
-        return "triton" if kernels.available() else "torch (Triton cannot run here)"
+        return _cuda_default()
     from vllm_kvcompress.kernels import cpu as kernels
 
     return "cpu (the C++ kernel)" if kernels.available() else "torch (the C++ kernel did not build)"
@@ -40,16 +38,18 @@ def _decode_path(device: str) -> str:
 def _write_and_score_path(device: str) -> str:
     """Quantize-on-write and window scoring (see the session): forced with the decode
     kernel when that is triton or torch, else Triton on CUDA where it runs."""
-    from vllm_kvcompress.vllm.runners.session import DECODE_KERNEL_ENV
+    from vllm_kvcompress.vllm.runners.session import DECODE_KERNEL_ENV, write_and_score_kernel
 
-    forced = os.environ.get(DECODE_KERNEL_ENV)
-    if forced in ("triton", "torch"):
+    forced = write_and_score_kernel(os.environ.get(DECODE_KERNEL_ENV))
+    if forced:
         return f"{forced} (forced by {DECODE_KERNEL_ENV})"
-    if device == "cuda":
-        from vllm_kvcompress.kernels import triton as kernels
+    return _cuda_default() if device == "cuda" else "torch"
 
-        return "triton" if kernels.available() else "torch (Triton cannot run here)"
-    return "torch"
+
+def _cuda_default() -> str:
+    from vllm_kvcompress.kernels import triton as kernels
+
+    return "triton" if kernels.available() else "torch (Triton cannot run here)"
 
 
 def report(model: str, serve_args: list[str]) -> tuple[list[tuple[str, str]], bool]:

@@ -26,7 +26,7 @@ try:
 except ModuleNotFoundError:  # CPU-only installs may lack it: the torch path serves
     triton = None
 
-__all__ = ["available"]
+__all__ = ["NOT_HERE", "available", "runs_on"]
 
 if triton is not None:
     from vllm_kvcompress.kernels.triton.decode import paged_decode, paged_decode_reference
@@ -61,6 +61,15 @@ else:
     INTERPRETED = False
 
 
+# Why a kernel cannot run on a device where :func:`runs_on` says no.
+NOT_HERE = "it needs its tensors on a CUDA device (or TRITON_INTERPRET=1 on a CPU)"
+
+
 def available() -> bool:
     """True when the kernels can run: Triton imports and a CUDA device or its interpreter is on."""
     return triton is not None and (torch.cuda.is_available() or INTERPRETED)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on tensors of ``device``: CUDA, or the CPU interpreted."""
+    return available() and (device.type == "cuda" or INTERPRETED)

@@ -45,6 +45,14 @@ logger = init_logger("vllm.kvcompress")
 # (Triton on CUDA, the C++ kernel on CPU); triton, cpu or torch forces one (tests use
 # triton to run the CUDA path's kernel under Triton's interpreter on a CPU).
 DECODE_KERNEL_ENV = "KVCOMPRESS_DECODE_KERNEL"
+
+
+def write_and_score_kernel(decode_kernel: str | None) -> str | None:
+    """The quantize-on-write and window-scoring path a forced decode kernel forces: triton
+    and torch force theirs; cpu (the C++ decode kernel) leaves the device's default."""
+    return decode_kernel if decode_kernel in ("triton", "torch") else None
+
+
 # Test-only fault injection: with KVCOMPRESS_TEST_FAULTS=1, a request whose vllm_xargs
 # hold kvcompress_test_fault: select | slot_scores gets a policy that raises there.
 FAULTS_ENV = "KVCOMPRESS_TEST_FAULTS"
@@ -179,9 +187,7 @@ class KVCompressSession:
         if kernel is not None and kernel not in KERNELS:
             raise Unsupported(f"{DECODE_KERNEL_ENV}={kernel!r}; allowed: "
                               f"{', '.join(KERNELS)} (or unset for the device's default)")
-        # Forcing triton or torch forces the quantize-on-write and window-scoring paths too
-        # (cpu, the C++ decode kernel, leaves them to the device's default).
-        others = kernel if kernel in ("triton", "torch") else None
+        others = write_and_score_kernel(kernel)
         scoring.window_kernel = others
         try:
             store = PagedKVStore(
